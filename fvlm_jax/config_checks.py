@@ -1,0 +1,53 @@
+"""Early, readable errors for bad config values (before minutes of preparation or compilation are spent)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from fvlm_jax.train import METHODS
+
+MODES = ("prepare", "train", "eval", "export", "all")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    errors = []
+    m, v = cfg.model, cfg.model.vision
+    if len(m.input_zyx) != 3 or len(v.patch_zyx) != 3:
+        errors.append("model.input_zyx and model.vision.patch_zyx need 3 values (z, y, x)")
+    elif any(i % p for i, p in zip(m.input_zyx, v.patch_zyx)):
+        errors.append(f"model.input_zyx {tuple(m.input_zyx)} must be divisible by model.vision.patch_zyx "
+                      f"{tuple(v.patch_zyx)}")
+    for name, enc in (("vision", v), ("text", m.text)):
+        if enc.width % enc.heads:
+            errors.append(f"model.{name}.width={enc.width} must be divisible by model.{name}.heads={enc.heads}")
+    if v.width % m.pool_heads:
+        errors.append(f"model.vision.width={v.width} must be divisible by model.pool_heads={m.pool_heads}")
+    if any(not 1 <= b <= v.depth for b in v.feature_blocks):
+        errors.append(f"model.vision.feature_blocks {tuple(v.feature_blocks)} must lie in [1, {v.depth}]")
+    if max(cfg.prep.text_len, cfg.prep.report_len) > m.text.max_len:
+        errors.append(f"prep.text_len / prep.report_len exceed model.text.max_len={m.text.max_len}")
+    if not 0 < m.temperature.min <= m.temperature.init <= m.temperature.max:
+        errors.append("need 0 < model.temperature.min <= init <= max")
+    bad = [x for x in cfg.train.methods if x not in METHODS]
+    if bad:
+        errors.append(f"train.methods: unknown {bad}; choose from {METHODS}")
+    if cfg.train.steps < 1 or cfg.train.batch_size < 2:
+        errors.append("train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch)")
+    if cfg.train.warmup_steps < 0 or cfg.train.learning_rate <= 0:
+        errors.append("train.warmup_steps must be >= 0 and train.learning_rate > 0")
+    if not 0 <= cfg.train.flip_prob <= 1:
+        errors.append("train.flip_prob must be in [0, 1]")
+    anatomies = list(cfg.prep.anatomies)
+    for task in cfg.eval.tasks:
+        if len(task) != 4 or task[0] not in anatomies:
+            errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    if cfg.prep.hu_window[0] >= cfg.prep.hu_window[1]:
+        errors.append(f"prep.hu_window {tuple(cfg.prep.hu_window)} must be (low, high) with low < high")
+    if any(s <= 0 for s in cfg.prep.spacing_xyz):
+        errors.append("prep.spacing_xyz must be positive")
+    if cfg.data.source not in ("demo", "ct_rate"):
+        errors.append(f"data.source={cfg.data.source!r}: choose 'demo' or 'ct_rate'")
+    if cfg.data.source == "ct_rate" and not cfg.data.root:
+        errors.append("data.source='ct_rate' needs data.root (the folder holding dataset/, radiology_text_reports/...)")
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,1 @@
+"""Flax NNX encoders of fVLM: 3D ViT, BERT-style text encoder, anatomy pooling."""

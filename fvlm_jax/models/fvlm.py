@@ -1,0 +1,94 @@
+"""fVLM: anatomy-level image embeddings from a 3D ViT, text embeddings from a BERT-style encoder.
+
+The same class is the whole-volume CLIP baseline when built with `global_pool=True`: one pooled embedding over all
+tokens, same encoders, same pooling layer, same projection size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from fvlm_jax import anatomy
+from fvlm_jax.models.text import TextEncoder
+from fvlm_jax.models.vit3d import ViT3D
+
+
+def l2_normalize(x, eps=1e-6):
+    return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class AnatomyPool(nnx.Module):
+    """One learned query per anatomy attends over that anatomy's tokens from all levels (shared attention layer).
+
+    Queries start at zero and the query projection has zero bias, so pooling starts as a mean over the tokens.
+    """
+
+    def __init__(self, num_queries: int, width: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.queries = nnx.Param(jnp.zeros((num_queries, width)))
+        self.ln = nnx.LayerNorm(width, rngs=rngs)
+        self.q = nnx.Linear(width, width, rngs=rngs)
+        self.kv = nnx.Linear(width, 2 * width, rngs=rngs)
+        self.out = nnx.Linear(width, width, rngs=rngs)
+
+    def __call__(self, levels, member):
+        """levels: [L, B, N, D] tokens; member: [B, A, N] bool. Returns [B, A, D].
+
+        An anatomy with no token attends over all tokens (its sample is masked out of the loss anyway).
+        """
+        nl, b, n, d = levels.shape
+        h = self.heads
+        tokens = self.ln(jnp.moveaxis(levels, 0, 1).reshape(b, nl * n, d))
+        k, v = jnp.split(self.kv(tokens).reshape(b, nl * n, 2, h, d // h), 2, axis=2)
+        q = self.q(self.queries[...]).reshape(-1, h, d // h)
+        mask = jnp.tile(member, (1, 1, nl))  # [B, A, L*N], level-major like tokens
+        mask = mask | ~mask.any(-1, keepdims=True)
+        logits = jnp.einsum("ahc,bnhc->bahn", q, k[:, :, 0]) / jnp.sqrt(d // h).astype(q.dtype)
+        logits = jnp.where(mask[:, :, None, :], logits, -1e9)
+        att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        pooled = jnp.einsum("bahn,bnhc->bahc", att, v[:, :, 0]).reshape(b, -1, d)
+        return self.out(pooled)
+
+
+class FVLM(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, num_anatomies: int, *, global_pool: bool = False,
+                 rngs: nnx.Rngs):
+        v, t = cfg.vision, cfg.text
+        self.global_pool = global_pool
+        self.num_anatomies = num_anatomies
+        self.patch_zyx = tuple(v.patch_zyx)
+        self.vision = ViT3D(input_zyx=cfg.input_zyx, patch_zyx=v.patch_zyx, width=v.width, depth=v.depth,
+                            heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks, rngs=rngs)
+        nq = 1 if global_pool else num_anatomies
+        self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs)
+        self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)))
+        self.text = TextEncoder(vocab_size=t.vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
+                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs)
+        self.txt_proj = nnx.Linear(t.width, cfg.embed_dim, rngs=rngs)
+        self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32))
+        self.temp_range = (cfg.temperature.min, cfg.temperature.max)
+
+    def temp(self):
+        return jnp.clip(self.temperature[...], *self.temp_range)
+
+    def encode_image(self, image, labels):
+        """image: [B, Z, Y, X] float in [0, 1]; labels: [B, Z, Y, X] anatomy index map.
+
+        Returns (emb [B, A, E] L2-normalised; A = 1 for the global-pool baseline, present [B, A], intact [B, A]).
+        """
+        levels = self.vision(image)
+        present, intact = anatomy.presence_and_intact(labels, self.num_anatomies)
+        if self.global_pool:
+            member = jnp.ones((image.shape[0], 1, levels.shape[2]), bool)
+        else:
+            member = anatomy.token_membership(labels, self.num_anatomies, self.patch_zyx)
+        pooled = self.pool(levels, member)
+        emb = jnp.einsum("bad,ade->bae", pooled, self.img_proj[...])
+        return l2_normalize(emb), present, intact
+
+    def encode_text(self, tokens):
+        """tokens: [..., T] ids with [CLS] first. Returns [..., E] L2-normalised."""
+        return l2_normalize(self.txt_proj(self.text(tokens)))

@@ -1,0 +1,76 @@
+"""Sharded TFRecord files of prepared scans, readable through tensorflow-datasets (`tfds.builder_from_directory`)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+DATASET_NAME = "fvlm_records"
+FILE_FORMAT = "tfrecord"
+
+
+def features(num_anatomies: int, num_diseases: int, text_len: int, report_len: int, num_targets: int):
+    """The tfds feature spec of one prepared scan. Volumes are uint8 (window mapped to 0..255), zlib-compressed."""
+    t = tfds.features.Tensor
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": t(shape=(None, None, None), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+        "labels": t(shape=(None, None, None), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+        "text_tokens": t(shape=(num_anatomies, text_len), dtype=np.int32),
+        "has_text": t(shape=(num_anatomies,), dtype=np.bool_),
+        "normal": t(shape=(num_anatomies,), dtype=np.bool_),
+        "disease": t(shape=(num_anatomies, num_diseases), dtype=np.bool_),
+        "text_id": t(shape=(num_anatomies,), dtype=np.int32),
+        "report_tokens": t(shape=(report_len,), dtype=np.int32),
+        "targets": t(shape=(num_targets,), dtype=np.int32),
+    })
+
+
+def shard_path(records_dir: str, split: str, shard: int, num_shards: int) -> str:
+    return os.path.join(records_dir, f"{DATASET_NAME}-{split}.{FILE_FORMAT}-{shard:05d}-of-{num_shards:05d}")
+
+
+class ShardedWriter:
+    """Round-robin writer over `num_shards` files of one split; records shard lengths for the metadata."""
+
+    def __init__(self, records_dir: str, split: str, num_shards: int, feature_spec):
+        self.split, self.spec = split, feature_spec
+        self.paths = [shard_path(records_dir, split, i, num_shards) for i in range(num_shards)]
+        self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
+        self.lengths = [0] * num_shards
+        self.count = 0
+
+    def write(self, example: dict) -> None:
+        i = self.count % len(self.writers)
+        self.writers[i].write(self.spec.serialize_example(example))
+        self.lengths[i] += 1
+        self.count += 1
+
+    def close(self) -> tfds.core.SplitInfo:
+        for w in self.writers:
+            w.close()
+        num_bytes = sum(os.path.getsize(p) for p in self.paths)
+        return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes)
+
+
+def write_metadata(records_dir: str, feature_spec, split_infos, description: str) -> None:
+    template = f"{DATASET_NAME}-{{SPLIT}}.{{FILEFORMAT}}-{{SHARD_X_OF_Y}}"
+    tfds.folder_dataset.write_metadata(data_dir=records_dir, features=feature_spec, split_infos=split_infos,
+                                       filename_template=template, description=description, check_data=False)
+
+
+def load_builder(records_dir: str):
+    """The tfds builder of a prepared records folder (feature spec, splits, sizes)."""
+    if not os.path.exists(os.path.join(records_dir, "dataset_info.json")):
+        raise FileNotFoundError(f"no prepared records in {records_dir}: run --mode=prepare first")
+    return tfds.builder_from_directory(records_dir)
+
+
+def split_files(records_dir: str, split: str) -> list[str]:
+    files = sorted(tf.io.gfile.glob(os.path.join(records_dir, f"{DATASET_NAME}-{split}.{FILE_FORMAT}-*")))
+    if not files:
+        raise FileNotFoundError(f"no records for split {split!r} in {records_dir}")
+    return files

@@ -1,0 +1,250 @@
+"""Deterministic rule-based decomposition of a radiology report into one text per anatomy (no network, no LLM).
+
+Rules (documented because they decide labels):
+- A sentence ends at ".", "!" or "?" followed by white space; a period inside a number ("1.5 cm"), after a
+  known abbreviation followed by a lower-case word or a number ("approx. 2 cm", "e.g. a cyst") or after a list
+  number ("1. ...") does not end a sentence, and list numbers are stripped.
+- A sentence belongs to every anatomy whose lexicon term it contains (whole words, case-insensitive).
+- Disease triggers are matched globally, longest match first, so "pericardial effusion" can never also count as
+  "pleural effusion" and "coronary artery wall calcification" never as "arterial wall calcification".
+  A trigger listed under several anatomies (e.g. "calcified plaques" for heart and aorta, "cyst" for liver and
+  kidney) goes to those of them named in the same clause, else to the nearest one named in the sentence.
+- Negation: a trigger preceded in its sentence by a negation cue ("no", "not", "without", "no evidence of",
+  "negative for", "absence of", "free of", ...) is negated, unless a scope breaker ("but", "however",
+  "although", "except", ";") lies between them; a trigger followed in its clause by a post-cue ("is not seen",
+  "has resolved", "is excluded", ...) is negated too.
+- Hedges count as positive: "likely", "probable", "suggestive of", "consistent with", and also the uncertain
+  "possible", "cannot be excluded", "may represent" (a radiologist raising a disease is treated as a
+  positive mention, which favours sensitivity; "cannot be excluded" is matched before the negating "excluded").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class AnatomyText:
+    """The report text about one anatomy and the diseases it states as present."""
+
+    text: str
+    normal: bool
+    diseases: tuple[str, ...]
+
+
+DEFAULT_LEXICON: dict[str, tuple[str, ...]] = {
+    "lung": ("lung", "lungs", "pulmonary", "lobe", "lobes", "lobar", "pleural", "pleura", "parenchyma",
+             "hemithorax", "hemithoraces", "lingula", "bronchi", "bronchial", "emphysema", "emphysematous",
+             "atelectasis", "bronchiectasis", "consolidation", "pneumothorax", "pneumonia", "airspace"),
+    "heart": ("heart", "cardiac", "pericardial", "pericardium", "coronary", "cardiomegaly", "myocardium",
+              "ventricle", "atrium"),
+    "esophagus": ("esophagus", "esophageal", "oesophagus", "oesophageal", "hiatal", "hiatus",
+                  "gastroesophageal"),
+    "aorta": ("aorta", "aortic"),
+    "liver": ("liver", "hepatic", "hepatosteatosis", "steatosis"),
+    "spleen": ("spleen", "splenic", "splenomegaly"),
+    "kidney": ("kidney", "kidneys", "renal"),
+    "mediastinum": ("mediastinum", "mediastinal", "hilar", "hila", "lymph node", "lymph nodes",
+                    "lymphadenopathy", "pacemaker", "sternotomy", "catheter", "port catheter"),
+}
+
+DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
+    "lung": {
+        "Emphysema": ("emphysema", "emphysematous", "bulla", "bullae", "bullous"),
+        "Atelectasis": ("atelectasis", "atelectatic", "collapse"),
+        "Lung nodule": ("nodule", "nodules", "nodular opacity", "nodular opacities", "pulmonary mass", "lung mass"),
+        "Lung opacity": ("opacity", "opacities", "ground-glass", "ground glass", "infiltrate", "infiltrates"),
+        "Pulmonary fibrotic sequela": ("fibrotic", "fibrosis", "fibrotic sequela", "fibrotic sequelae",
+                                       "scarring", "fibroatelectasis"),
+        "Pleural effusion": ("pleural effusion", "pleural effusions", "pleural fluid", "hydrothorax"),
+        "Mosaic attenuation pattern": ("mosaic attenuation", "mosaic pattern", "mosaic perfusion"),
+        "Peribronchial thickening": ("peribronchial thickening", "bronchial wall thickening",
+                                     "peribronchial cuffing"),
+        "Consolidation": ("consolidation", "consolidations", "consolidated", "pneumonia", "pneumonic"),
+        "Bronchiectasis": ("bronchiectasis", "bronchiectatic"),
+        "Interlobular septal thickening": ("interlobular septal thickening", "septal thickening",
+                                           "thickened interlobular septa"),
+    },
+    "heart": {
+        "Cardiomegaly": ("cardiomegaly", "enlarged", "enlargement", "increased in size"),
+        "Pericardial effusion": ("pericardial effusion", "pericardial effusions", "pericardial fluid",
+                                 "hemopericardium"),
+        "Coronary artery wall calcification": (
+            "coronary artery wall calcification", "coronary artery calcification", "coronary artery calcifications",
+            "coronary calcification", "coronary calcifications", "coronary atherosclerosis",
+            "calcified plaque", "calcified plaques", "calcification", "calcifications", "atherosclerotic",
+            "atherosclerosis", "calcified"),
+    },
+    "esophagus": {
+        "Hiatal hernia": ("hiatal hernia", "hiatus hernia", "hernia", "herniation"),
+    },
+    "aorta": {
+        "Arterial wall calcification": (
+            "arterial wall calcification", "aortic calcification", "aortic wall calcification",
+            "wall calcification", "mural calcification", "mural calcifications", "calcified plaque",
+            "calcified plaques", "calcification", "calcifications", "atherosclerotic", "atherosclerosis",
+            "calcified"),
+    },
+    "liver": {
+        "Liver lesion": ("lesion", "lesions", "cyst", "cysts", "mass", "metastasis", "metastases", "hemangioma"),
+        "Hepatic steatosis": ("steatosis", "hepatosteatosis", "fatty liver", "fatty infiltration", "fatty change"),
+    },
+    "spleen": {
+        "Splenomegaly": ("splenomegaly", "enlarged", "enlargement", "increased in size"),
+    },
+    "kidney": {
+        "Renal cyst": ("cyst", "cysts", "renal cyst", "renal cysts"),
+    },
+    "mediastinum": {
+        "Lymphadenopathy": ("lymphadenopathy", "enlarged lymph node", "enlarged lymph nodes",
+                            "pathologically enlarged", "lymph node enlargement"),
+        "Medical material": ("pacemaker", "catheter", "stent", "sternotomy", "prosthesis", "port catheter",
+                             "surgical clips", "cerclage wires"),
+    },
+}
+
+_NEG_PRE = ("no evidence of", "no signs of", "no sign of", "negative for", "absence of", "free of", "without",
+            "no", "not", "nor", "rather than", "resolution of")
+_NEG_POST = ("is not seen", "are not seen", "is not identified", "are not identified", "not present", "is absent",
+             "are absent", "has resolved", "have resolved", "is excluded", "are excluded", "is ruled out",
+             "are ruled out")
+_UNCERTAIN = ("cannot be excluded", "can not be excluded", "cannot be ruled out", "not excluded",
+              "not ruled out", "not be excluded")
+_BREAKERS = re.compile(r"\b(?:but|however|although|though|except|whereas|while)\b|;", re.IGNORECASE)
+_CLAUSE = re.compile(r"[,;:()]|\b(?:but|however|although|whereas|while)\b", re.IGNORECASE)
+
+_ABBREVIATIONS = ("approx", "e.g", "i.e", "vs", "cm", "mm", "no", "nr", "fig", "dr", "max", "min", "ca", "resp",
+                  "etc", "incl", "seg")
+_ENUM = re.compile(r"^\s*\(?\d{1,2}[.)]\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits report text into sentences, keeping decimals, abbreviations and list numbers intact."""
+    out, start = [], 0
+    text = text or ""
+    for m in re.finditer(r"[.!?]+(?=\s|$)", text):
+        before = text[start:m.start()]
+        word = re.search(r"([A-Za-z][A-Za-z.]*)$", before)
+        if m.group().startswith(".") and word and word.group(1).lower().rstrip(".") in _ABBREVIATIONS:
+            nxt = text[m.end():].lstrip()[:1]
+            if not nxt.isupper():  # "approx. 2 cm" continues; "... 2 cm. The liver" ends
+                continue
+        if m.group() == "." and re.fullmatch(r"\s*\(?\d{1,2}", before):
+            continue  # a list number "1." is part of the next sentence
+        out.append(text[start:m.end()])
+        start = m.end()
+    out.append(text[start:])
+    sentences = []
+    for s in out:
+        s = _ENUM.sub("", s.strip()).strip()
+        if s and re.search(r"[A-Za-z]", s):
+            sentences.append(s)
+    return sentences
+
+
+def _phrase_regex(phrase: str) -> str:
+    words = [re.escape(w) for w in phrase.split()]
+    return r"(?<![\w-])" + r"\s+".join(words) + r"(?![\w-])"
+
+
+def _find_all(sentence: str, phrases: Sequence[str]) -> list[tuple[int, int]]:
+    spans = []
+    for p in phrases:
+        spans += [(m.start(), m.end()) for m in re.finditer(_phrase_regex(p), sentence, re.IGNORECASE)]
+    return spans
+
+
+def _trigger_matches(sentence: str, vocabulary) -> list[tuple[int, int, list[tuple[str, str]]]]:
+    """Non-overlapping trigger spans, longest first, each with the (anatomy, disease) pairs it can mean."""
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for anatomy, diseases in vocabulary.items():
+        for disease, phrases in diseases.items():
+            for p in phrases:
+                owners.setdefault(p.lower(), []).append((anatomy, disease))
+    candidates = []
+    for phrase, owner in owners.items():
+        for s, e in _find_all(sentence, [phrase]):
+            candidates.append((s, e, owner))
+    candidates.sort(key=lambda c: (-(c[1] - c[0]), c[0]))
+    taken = [False] * len(sentence)
+    chosen = []
+    for s, e, owner in candidates:
+        if not any(taken[s:e]):
+            taken[s:e] = [True] * (e - s)
+            chosen.append((s, e, owner))
+    return sorted(chosen)
+
+
+def _negated(sentence: str, start: int, end: int) -> bool:
+    lower = sentence.lower()
+    after = lower[end:]
+    clause_end = _CLAUSE.search(after)
+    post = after[:clause_end.start()] if clause_end else after
+    if any(re.search(_phrase_regex(u), post) for u in _UNCERTAIN):
+        return False
+    if any(re.search(_phrase_regex(c), post) for c in _NEG_POST):
+        return True
+    before = lower[:start]
+    breakers = list(_BREAKERS.finditer(before))
+    scope = before[breakers[-1].end():] if breakers else before
+    return any(re.search(_phrase_regex(c), scope) for c in _NEG_PRE)
+
+
+def _mentions(sentence: str, lexicon) -> dict[str, list[int]]:
+    """Anatomy -> character positions where one of its lexicon terms occurs."""
+    found = {}
+    for anatomy, words in lexicon.items():
+        spans = _find_all(sentence, words)
+        if spans:
+            found[anatomy] = sorted(s for s, _ in spans)
+    return found
+
+
+def _clause_id(sentence: str) -> list[int]:
+    ids, k, last = [], 0, 0
+    for m in _CLAUSE.finditer(sentence):
+        ids += [k] * (m.start() - last)
+        ids += [k] * (m.end() - m.start())
+        last, k = m.end(), k + 1
+    ids += [k] * (len(sentence) - last)
+    return ids
+
+
+def split_report(findings: str, impression: str, lexicon: Mapping[str, Sequence[str]] = DEFAULT_LEXICON,
+                 vocabulary: Mapping[str, Mapping[str, Sequence[str]]] = DEFAULT_VOCABULARY,
+                 ) -> dict[str, AnatomyText]:
+    """Decomposes a report into per-anatomy texts with the diseases each states as present.
+
+    findings, impression: free text (either may be empty). lexicon: anatomy -> synonym words/phrases that
+    assign a sentence to it. vocabulary: anatomy -> disease -> trigger phrases. Returns {anatomy: AnatomyText}
+    for every anatomy mentioned at least once; its text is its sentences (findings first, then impression,
+    deduplicated) joined by spaces, `diseases` the sorted non-negated diseases found, `normal` = no diseases.
+    """
+    texts: dict[str, list[str]] = {}
+    diseases: dict[str, set[str]] = {}
+    for sentence in split_sentences(findings) + split_sentences(impression):
+        mentions = _mentions(sentence, lexicon)
+        if not mentions:
+            continue
+        for anatomy in mentions:
+            if sentence not in texts.setdefault(anatomy, []):
+                texts[anatomy].append(sentence)
+            diseases.setdefault(anatomy, set())
+        clause = _clause_id(sentence)
+        for start, end, owner in _trigger_matches(sentence, vocabulary):
+            owners = [(a, d) for a, d in owner if a in mentions]
+            if not owners or _negated(sentence, start, end):
+                continue
+            if len({a for a, _ in owners}) > 1:
+                same = [(a, d) for a, d in owners if any(clause[p] == clause[start] for p in mentions[a])]
+                if same:
+                    owners = same
+                else:
+                    nearest = min(owners, key=lambda o: min(abs(p - start) for p in mentions[o[0]]))
+                    owners = [nearest]
+            for anatomy, disease in owners:
+                diseases[anatomy].add(disease)
+    return {a: AnatomyText(text=" ".join(texts[a]), normal=not diseases[a], diseases=tuple(sorted(diseases[a])))
+            for a in texts}

@@ -1,0 +1,42 @@
+"""fvlm-jax command line: python run.py --config=configs/demo.py --workdir=/tmp/fvlm [--mode=all]."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, also in the workers
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from fvlm_jax import config_checks, stages
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where records, checkpoints, results and exports go.")
+_MODE = flags.DEFINE_enum("mode", "all", config_checks.MODES, "Stage to run; 'all' runs them in order.")
+flags.mark_flags_as_required(["config", "workdir"])
+log = logging.getLogger(__name__)
+
+
+def main(argv):
+    del argv
+    # Libraries (Orbax, tfds) log every file they touch at INFO through absl; keep the console for our progress.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("fvlm_jax", "input_pipeline", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    config_checks.validate(cfg)
+    steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
+             "export": stages.run_export}
+    for name, fn in steps.items():
+        if mode in (name, "all"):
+            t0 = time.perf_counter()
+            fn(cfg, workdir)
+            log.info("%s done in %.0f s", name, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    app.run(main)

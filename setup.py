@@ -1,0 +1,37 @@
+"""fvlm-jax: fine-grained CT vision-language pre-training (fVLM, ICLR 2025) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fvlm-jax",
+    version="0.1.0",
+    description="Anatomy-level CT vision-language pre-training (fVLM) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["fvlm_jax", "fvlm_jax.*", "input_pipeline", "input_pipeline.*", "configs"]),
+    install_requires=[
+        # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, TF 2.21, tfds 4.9.10.
+        "jax>=0.10,<0.12",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml-collections>=1.1,<2",
+        "numpy>=2.0,<3",
+        "scipy>=1.14,<2",
+        "nibabel>=5.3,<6",
+        "pydicom>=3.0,<4",
+        "sentencepiece>=0.2,<0.3",
+        "scikit-learn>=1.6,<2",
+        "tqdm>=4.66,<5",
+        "absl-py>=2.1,<3",
+        "matplotlib>=3.9,<4",
+    ],
+    extras_require={
+        # Preparation and the tf.data input pipeline. Accelerator hosts that only run the model can skip it.
+        "data": ["tensorflow-cpu>=2.19,<2.22", "tensorflow-datasets>=4.9.8,<4.10"],
+        "gpu": ["jax[cuda12]>=0.10,<0.12"],
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18"],
+    },
+)
