@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, also in the workers
 import time
 
 from absl import app, flags
@@ -25,6 +22,7 @@ def main(argv):
     del argv
     # Libraries (Orbax, tfds) log every file they touch at INFO through absl; keep the console for our progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(lambda r: "FeatureConnector.dtype" not in r.getMessage())  # tfds-internal
     for name in ("fvlm_jax", "input_pipeline", "__main__"):
         logging.getLogger(name).setLevel(logging.INFO)
     cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value

@@ -26,10 +26,11 @@ setup(
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
         "matplotlib>=3.9,<4",
+        # Preparation and the tf.data input pipeline (input_pipeline/ only; the model runs without them).
+        "tensorflow-cpu>=2.19,<2.22",
+        "tensorflow-datasets>=4.9.8,<4.10",
     ],
     extras_require={
-        # Preparation and the tf.data input pipeline. Accelerator hosts that only run the model can skip it.
-        "data": ["tensorflow-cpu>=2.19,<2.22", "tensorflow-datasets>=4.9.8,<4.10"],
         "gpu": ["jax[cuda12]>=0.10,<0.12"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
         "test": ["pytest>=8,<10", "ruff>=0.15,<0.18"],

@@ -88,12 +88,11 @@ class Trainer:
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P("data"))
 
-        @jax.jit
         def init(params):
             return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
         with jax.set_mesh(mesh):
-            self.state = jax.jit(init.__wrapped__, out_shardings=self.replicated)(params)
+            self.state = jax.jit(init, out_shardings=self.replicated)(params)
         self.state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
 
         graphdef, tx, loss_cfg = self.graphdef, self.tx, cfg.loss

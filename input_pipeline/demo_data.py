@@ -329,7 +329,7 @@ def generate_case(rng: np.random.Generator) -> dict:
         placed = []
         free = lung & ~ndimage.binary_dilation(occupied, iterations=2)
         for _ in range(int(rng.integers(1, 4))):
-            c, r = _pick_center(rng, grid, free, float(rng.uniform(10, 16)), 10,
+            c, r = _pick_center(rng, grid, free, float(rng.uniform(15, 22)), 12,
                                 avoid=[(p, q + 10) for p, q in placed])
             if c is None:
                 continue
@@ -349,7 +349,7 @@ def generate_case(rng: np.random.Generator) -> dict:
         truth["heart"].append("Pericardial effusion")
     if "Coronary artery wall calcification" in wanted["heart"]:
         n = 0
-        for _ in range(int(rng.integers(3, 7))):
+        for _ in range(int(rng.integers(4, 8))):
             # Short curves on the epicardial surface, inside the heart mask.
             d0 = rng.normal(0, 1, 3)
             d0[1] = abs(d0[1])
@@ -357,7 +357,7 @@ def generate_case(rng: np.random.Generator) -> dict:
             d1 = d0 + rng.normal(0, 0.25, 3)
             d1 /= np.linalg.norm(d1)
             p0, p1 = heart_c + 0.9 * heart_semi * d0, heart_c + 0.9 * heart_semi * d1
-            spot = grid.tube([p0, p1], 4.5) & myocardium
+            spot = grid.tube([p0, p1], 7.0) & myocardium
             img[spot] = rng.uniform(400, 900)
             n += int(spot.any())
         if n:
@@ -366,13 +366,13 @@ def generate_case(rng: np.random.Generator) -> dict:
     if "Arterial wall calcification" in wanted["aorta"]:
         aorta = seg == _AORTA
         n = 0
-        for _ in range(int(rng.integers(3, 8))):
+        for _ in range(int(rng.integers(4, 9))):
             k = int(rng.integers(1, len(aorta_pts) - 1))
             t = rng.random()
             p = aorta_pts[k] + t * (aorta_pts[k + 1] - aorta_pts[k])
             v = rng.normal(0, 1, 3)
             v /= np.linalg.norm(v)
-            plaque = grid.ellipsoid(p + 0.8 * aorta_r[k] * v, (4.5, 4.5, 6.0)) & aorta
+            plaque = grid.ellipsoid(p + 0.8 * aorta_r[k] * v, (7.0, 7.0, 10.0)) & aorta
             img[plaque] = rng.uniform(500, 900)
             n += int(plaque.any())
         if n:
@@ -394,7 +394,7 @@ def generate_case(rng: np.random.Generator) -> dict:
     if "Liver lesion" in wanted["liver"]:
         placed = []
         for _ in range(int(rng.integers(1, 3))):
-            c, r = _pick_center(rng, grid, liver, float(rng.uniform(12, 18)), 10,
+            c, r = _pick_center(rng, grid, liver, float(rng.uniform(16, 22)), 12,
                                 avoid=[(p, q + 5) for p, q in placed])
             if c is not None:
                 img[grid.ellipsoid(c, (r, r, r)) & liver] = -5.0
@@ -410,7 +410,7 @@ def generate_case(rng: np.random.Generator) -> dict:
     if "Renal cyst" in wanted["kidney"]:
         label = int(rng.choice([_KIDNEY_R, _KIDNEY_L]))
         kidney = seg == label
-        c, r = _pick_center(rng, grid, kidney, float(rng.uniform(10, 15)), 8)
+        c, r = _pick_center(rng, grid, kidney, float(rng.uniform(14, 19)), 10)
         if c is not None:
             img[grid.ellipsoid(c, (r, r, r)) & kidney] = 5.0
             truth["kidney"].append("Renal cyst")

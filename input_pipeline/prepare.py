@@ -1,26 +1,42 @@
 """Raw CTs + segmentations + reports -> tokenizer, sharded TFRecords, manifest, statistics, rejects.
 
-Run through `python run.py --config=... --mode=prepare`. Image work runs in a process pool; report splitting,
-tokenisation and writing happen in the parent, in input order, so the records are deterministic.
+Run through `python run.py --config=... --mode=prepare`. Phases:
+1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows, duplicate ids
+   and reports without usable anatomy text become rejects.
+2. Image work in a process pool (`data.workers`, spawn). Each scan's result (image, labels, presence, or the reason
+   it was rejected) is cached atomically as `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing
+   parameters, the scan's geometry and the input files' sizes and modification times. A rerun after an
+   interruption recomputes only missing or stale entries.
+3. The tokenizer is trained on the training texts of the scans that survived (deterministic).
+4. Records are written in input order from the cache, so a rerun produces byte-identical record files.
+
+Every input ends either in the records or in `rejects.jsonl` ({"id", "split", "reason"}). Logs hold counts only:
+reports and image headers can carry patient data.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import re
 import zlib
 
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from input_pipeline import ct_rate, preprocess, records, report_split
+from input_pipeline import preprocess, records, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
 log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
 
 
 def disease_list(anatomies, vocabulary) -> list[str]:
@@ -33,6 +49,56 @@ def text_id(text: str) -> int:
     return zlib.crc32(normalize(text).encode()) & 0x7FFFFFFF
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Cache of per-scan image results
+# ---------------------------------------------------------------------------------------------------------------
+def cache_path(out_dir: str, split: str, scan_id: str) -> str:
+    """<out_dir>/cache/<split>/<id>.npz; ids with characters unsafe in file names get a checksum suffix."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", scan_id)
+    if safe != scan_id or safe.startswith("."):
+        safe = f"{safe}-{zlib.crc32(scan_id.encode()):08x}"
+    return os.path.join(out_dir, "cache", split, f"{safe}.npz")
+
+
+def _file_state(path: str):
+    """Size and modification time of a file, or of every file in a folder (DICOM series, segmentation parts)."""
+    try:
+        if os.path.isdir(path):
+            return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def cache_key(scan, prep_kw: dict) -> str:
+    state = {"v": CACHE_VERSION, "prep": prep_kw, "geometry": scan.geometry, "image": os.path.abspath(scan.image),
+             "segmentation": os.path.abspath(scan.segmentation), "image_state": _file_state(scan.image),
+             "segmentation_state": _file_state(scan.segmentation)}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _save_atomic(path: str, **arrays) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _cached(path: str, key: str):
+    """None (missing, stale or damaged), or ("ok", None, None) / ("error", reason, category)."""
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key:
+                return None
+            if "error" in z.files:
+                return "error", str(z["error"]), str(z["category"])
+            return "ok", None, None
+    except Exception:  # missing or damaged entries are recomputed
+        return None
+
+
 _PREP_KW: dict = {}
 
 
@@ -40,121 +106,211 @@ def _init_worker(kw: dict) -> None:
     _PREP_KW.update(kw)
 
 
-def _process(scan: ct_rate.Scan):
+def _process(task) -> bool:
+    """Preprocesses one scan into its cache entry (results or the reason it was rejected)."""
+    scan, path, key = task
     try:
-        out = preprocess.preprocess_scan(scan.image, scan.segmentation, **_PREP_KW)
-        return scan.id, {"image": out["image"], "labels": out["labels"], "present": out["present"]}, None
+        out = preprocess.preprocess_scan(scan.image, scan.segmentation, geometry=scan.geometry, check_ct=True,
+                                         **_PREP_KW)
+    except preprocess.ScanRejected as e:
+        _save_atomic(path, key=key, error=e.reason, category=e.category)
+        return False
     except Exception as e:  # a bad scan is reported in rejects.jsonl and the run goes on
-        return scan.id, None, f"{type(e).__name__}: {e}"
+        _save_atomic(path, key=key, error=f"preprocessing failed ({type(e).__name__}: {e})",
+                     category="preprocessing failed")
+        return False
+    _save_atomic(path, key=key, image=out["image"], labels=out["labels"], present=out["present"])
+    return True
 
 
+def _prep_kw(p) -> dict:
+    return dict(class_table=CLASS_TABLES[p.class_table], anatomies=dict(p.anatomies),
+                spacing_xyz=tuple(p.spacing_xyz), hu_window=tuple(p.hu_window), margin_zyx=tuple(p.margin_zyx),
+                min_size_zyx=tuple(p.min_size_zyx))
+
+
+def _listing_category(reason: str) -> str:
+    if "UTF-8" in reason:
+        return "undecodable text encoding"
+    if "configured splits" in reason:
+        return "split not configured"
+    if "metadata" in reason:
+        return "metadata row unusable"
+    return "invalid table or manifest row"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparation
+# ---------------------------------------------------------------------------------------------------------------
 def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, progress: bool = True) -> dict:
-    """Prepares every split of a CT-RATE-style data set under `raw_root` into `out_dir`. Returns the manifest."""
+    """Prepares every configured split of the source into `out_dir` and returns the manifest.
+
+    `raw_root`: the CT-RATE-style folder (data.source "ct_rate" / "demo") or the JSONL manifest file
+    (data.source "manifest"). Raises RuntimeError when nothing could be written, or, with data.strict, when any
+    input was rejected (rejects.jsonl is written first in both cases).
+    """
     p = cfg.prep
     anatomies = list(p.anatomies)
     vocabulary = report_split.DEFAULT_VOCABULARY
     diseases = disease_list(anatomies, vocabulary)
+    strict = bool(cfg.data.get("strict", False))
     os.makedirs(out_dir, exist_ok=True)
     splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.threshold_split, cfg.data.eval_split]))
-    seg_root = cfg.data.segmentation_root or None
-    scans, columns, rejects, seen = {}, [], [], set()
+    rejects: list[dict] = []
+    categories: collections.Counter = collections.Counter()
+
+    def reject(sid, split, reason, category):
+        rejects.append({"id": sid, "split": split, "reason": reason})
+        categories[category] += 1
+
+    # 1. Listing, duplicates, report texts. Only counts reach the log: reports can carry patient data.
+    listed, columns, listing_rejects = sources.list_all(cfg, raw_root, splits)
+    for r in listing_rejects:
+        reject(r["id"], r["split"], r["reason"], _listing_category(r["reason"]))
+    scans, seen = {}, {}
     for split in splits:
-        listed, cols = ct_rate.list_scans(raw_root, split, seg_root)
-        columns = columns or cols
         scans[split] = []
-        for s in listed:
+        for s in listed[split]:
             if s.id in seen:
-                rejects.append({"id": s.id, "split": split, "reason": "duplicate id"})
+                reject(s.id, split, f"duplicate id (first seen in split {seen[s.id]!r}, kept there)", "duplicate id")
                 continue
-            seen.add(s.id)
+            seen[s.id] = split
             scans[split].append(s)
 
-    # Reports -> per-anatomy texts. Only counts reach the log: reports can carry patient data.
+    decomposition_dir = cfg.data.get("decomposition_dir", "") or ""
+    desc, conc = sources.load_decomposition(decomposition_dir) if decomposition_dir else ({}, {})
+    from_files = fallback = 0
     texts = {}
     for split in splits:
         kept = []
         for s in scans[split]:
             if not (s.findings.strip() or s.impression.strip()):
-                rejects.append({"id": s.id, "split": split, "reason": "missing or empty report"})
+                reject(s.id, split, "missing or empty report", "missing or empty report")
                 continue
-            parts = {a: t for a, t in report_split.split_report(s.findings, s.impression).items() if a in anatomies}
+            parts = sources.decomposed_texts(s.id, desc, conc, anatomies) if decomposition_dir else None
+            if parts is None:
+                fallback += bool(decomposition_dir)
+                parts = {a: t for a, t in report_split.split_report(s.findings, s.impression).items()
+                         if a in anatomies}
+            else:
+                from_files += 1
             if not parts:
-                rejects.append({"id": s.id, "split": split, "reason": "no anatomy text could be taken from the report"})
+                reject(s.id, split, "no anatomy text could be taken from the report", "no anatomy text")
                 continue
             texts[s.id] = parts
             kept.append(s)
         scans[split] = kept
+    if decomposition_dir:
+        log.info("anatomy texts: %d scans from the decomposition files, %d not in them (built-in splitter)",
+                 from_files, fallback)
 
+    # 2. Images, through the cache.
+    prep_kw = _prep_kw(p)
+    key_kw = prep_kw | {"class_table": p.class_table}
+    tasks, keys = [], {}
+    for split in splits:
+        for s in scans[split]:
+            path, key = cache_path(out_dir, split, s.id), cache_key(s, key_kw)
+            keys[s.id] = (path, key)
+            if _cached(path, key) is None:
+                tasks.append((s, path, key))
+    n_scans = sum(len(v) for v in scans.values())
+    log.info("images: %d to preprocess, %d already in the cache", len(tasks), n_scans - len(tasks))
+    if tasks:
+        ctx = multiprocessing.get_context("spawn")
+        workers = max(1, min(int(cfg.data.workers), len(tasks)))
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(prep_kw,)) as pool:
+            for _ in tqdm(pool.imap_unordered(_process, tasks, chunksize=1), total=len(tasks), desc="preprocess",
+                          disable=not progress, dynamic_ncols=True, unit="scan"):
+                pass
+    for split in splits:
+        kept = []
+        for s in scans[split]:
+            state = _cached(*keys[s.id])
+            if state is None:  # the worker died (e.g. out of memory) before writing the entry
+                reject(s.id, split, "preprocessing did not finish (worker crashed?)", "preprocessing failed")
+            elif state[0] == "error":
+                reject(s.id, split, state[1], state[2])
+            else:
+                kept.append(s)
+        scans[split] = kept
+    with open(os.path.join(out_dir, "rejects.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rejects)
+    n_ok = sum(len(v) for v in scans.values())
+    log.info("scans kept: %s; rejected: %d (details in %s)", {k: len(v) for k, v in scans.items()}, len(rejects),
+             os.path.join(out_dir, "rejects.jsonl"))
+    for category, n in sorted(categories.items()):
+        log.info("  rejected %d: %s", n, category)
+    if not n_ok:
+        raise RuntimeError(f"nothing could be written; see {out_dir}/rejects.jsonl")
+    if strict and rejects:
+        raise RuntimeError(f"data.strict: {len(rejects)} input(s) rejected; see {out_dir}/rejects.jsonl")
+
+    # 3. Tokenizer on the surviving training texts.
     tok_path = os.path.join(out_dir, "tokenizer.model")
-    train_texts = [t.text for s in scans[cfg.data.train_split] for t in texts[s.id].values()]
-    train_texts += [f"{s.findings} {s.impression}" for s in scans[cfg.data.train_split]]
+    train_scans = scans[cfg.data.train_split]
+    train_texts = [t.text for s in train_scans for t in texts[s.id].values()]
+    train_texts += [f"{s.findings} {s.impression}" for s in train_scans]
     if not train_texts:
-        raise ValueError(f"no usable training scans in {raw_root}")
+        raise RuntimeError(f"no usable training scans in {raw_root}; see {out_dir}/rejects.jsonl")
     train_tokenizer(train_texts, tok_path, p.vocab_size)
     tok = Tokenizer(tok_path)
 
+    # 4. Records, in input order, from the cache.
     spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns))
-    prep_kw = dict(class_table=CLASS_TABLES[p.class_table], anatomies=dict(p.anatomies),
-                   spacing_xyz=tuple(p.spacing_xyz), hu_window=tuple(p.hu_window), margin_zyx=tuple(p.margin_zyx),
-                   min_size_zyx=tuple(p.min_size_zyx))
     split_infos, stats = [], {"splits": {}, "anatomies": anatomies}
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(max(1, cfg.data.workers), initializer=_init_worker, initargs=(prep_kw,)) as pool:
-        for split in splits:
-            writer = records.ShardedWriter(out_dir, split, cfg.data.num_shards, spec)
-            present_n = np.zeros(len(anatomies))
-            abnormal_n = np.zeros(len(anatomies))
-            described_n = np.zeros(len(anatomies))
-            shapes = []
-            by_id = {s.id: s for s in scans[split]}
-            results = pool.imap(_process, scans[split], chunksize=2)
-            for sid, out, err in tqdm(results, total=len(scans[split]), desc=f"prepare {split}",
-                                      disable=not progress, dynamic_ncols=True):
-                if err:
-                    rejects.append({"id": sid, "split": split, "reason": err})
-                    continue
-                s, parts = by_id[sid], texts[sid]
-                row_texts = [parts[a].text if a in parts else "" for a in anatomies]
-                has_text = np.array([a in parts for a in anatomies])
-                normal = np.array([parts[a].normal if a in parts else True for a in anatomies])
-                disease = np.array([[d in parts[a].diseases if a in parts else False for d in diseases]
-                                    for a in anatomies], bool).reshape(len(anatomies), len(diseases))
-                writer.write({
-                    "id": sid, "image": out["image"], "labels": out["labels"],
-                    "text_tokens": tok.encode(row_texts, p.text_len), "has_text": has_text, "normal": normal,
-                    "disease": disease,
-                    "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),
-                    "report_tokens": tok.encode([f"{s.findings} {s.impression}"], p.report_len)[0],
-                    "targets": np.array([s.labels.get(c, 0) for c in columns], np.int32),
-                })
-                present_n += out["present"]
-                described_n += has_text
-                abnormal_n += has_text & ~normal
-                shapes.append(out["image"].shape)
-            split_infos.append(writer.close())
-            n = max(writer.count, 1)
-            stats["splits"][split] = {
-                "scans": writer.count,
-                "anatomy_present_rate": dict(zip(anatomies, (present_n / n).round(4).tolist())),
-                "anatomy_described_rate": dict(zip(anatomies, (described_n / n).round(4).tolist())),
-                "anatomy_abnormal_rate": dict(zip(anatomies, (abnormal_n / np.maximum(described_n, 1)).round(4)
-                                                  .tolist())),
-                "volume_shape_zyx_max": np.max(shapes, 0).tolist() if shapes else None,
-            }
-    if not any(i.num_examples for i in split_infos):
-        raise RuntimeError(f"nothing could be written; see {out_dir}/rejects.jsonl")
+    for split in splits:
+        for old in glob.glob(os.path.join(out_dir, f"{records.DATASET_NAME}-{split}.{records.FILE_FORMAT}-*")):
+            os.remove(old)
+        writer = records.ShardedWriter(out_dir, split, cfg.data.num_shards, spec)
+        present_n = np.zeros(len(anatomies))
+        abnormal_n = np.zeros(len(anatomies))
+        described_n = np.zeros(len(anatomies))
+        shapes = []
+        for s in tqdm(scans[split], desc=f"write {split}", disable=not progress, dynamic_ncols=True, unit="scan"):
+            with np.load(keys[s.id][0]) as z:
+                out = {k: z[k] for k in ("image", "labels", "present")}
+            parts = texts[s.id]
+            row_texts = [parts[a].text if a in parts else "" for a in anatomies]
+            has_text = np.array([a in parts for a in anatomies])
+            normal = np.array([parts[a].normal if a in parts else True for a in anatomies])
+            disease = np.array([[d in parts[a].diseases if a in parts else False for d in diseases]
+                                for a in anatomies], bool).reshape(len(anatomies), len(diseases))
+            writer.write({
+                "id": s.id, "image": out["image"], "labels": out["labels"],
+                "text_tokens": tok.encode(row_texts, p.text_len), "has_text": has_text, "normal": normal,
+                "disease": disease,
+                "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),
+                "report_tokens": tok.encode([f"{s.findings} {s.impression}"], p.report_len)[0],
+                "targets": np.array([s.labels.get(c, 0) for c in columns], np.int32),
+            })
+            present_n += out["present"]
+            described_n += has_text
+            abnormal_n += has_text & ~normal
+            shapes.append(out["image"].shape)
+        split_infos.append(writer.close())
+        n = max(writer.count, 1)
+        stats["splits"][split] = {
+            "scans": writer.count,
+            "anatomy_present_rate": dict(zip(anatomies, (present_n / n).round(4).tolist())),
+            "anatomy_described_rate": dict(zip(anatomies, (described_n / n).round(4).tolist())),
+            "anatomy_abnormal_rate": dict(zip(anatomies, (abnormal_n / np.maximum(described_n, 1)).round(4)
+                                              .tolist())),
+            "volume_shape_zyx_max": np.max(shapes, 0).tolist() if shapes else None,
+        }
     records.write_metadata(out_dir, spec, split_infos, "fVLM prepared CT scans and anatomy texts")
 
-    lengths = tok.lengths(train_texts[: len(train_texts) - len(scans[cfg.data.train_split])])
-    report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in scans[cfg.data.train_split]])
+    lengths = tok.lengths(train_texts[: len(train_texts) - len(train_scans)])
+    report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in train_scans])
     pct = (50, 90, 95, 99, 100)
     stats["anatomy_text_tokens"] = dict(zip([f"p{q}" for q in pct], np.percentile(lengths, pct).tolist()))
     stats["report_tokens"] = dict(zip([f"p{q}" for q in pct], np.percentile(report_lengths, pct).tolist()))
+    stats["rejected"] = dict(sorted(categories.items()))
     for name, pcts, limit in (("anatomy", stats["anatomy_text_tokens"], p.text_len),
                               ("report", stats["report_tokens"], p.report_len)):
         if pcts["p99"] > limit:
             log.warning("%s texts: p99 length %d tokens > configured %d: they will be truncated", name,
-                            pcts["p99"], limit)
+                        pcts["p99"], limit)
     manifest = {
         "anatomies": anatomies, "diseases": diseases, "label_columns": columns,
         "splits": {i.name: i.num_examples for i in split_infos}, "rejected": len(rejects),
@@ -165,6 +321,5 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         json.dump(manifest, f, indent=1)
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
-    with open(os.path.join(out_dir, "rejects.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rejects)
+    log.info("prepared %s in %s", manifest["splits"], out_dir)
     return manifest

@@ -28,12 +28,15 @@ from nibabel import orientations as nio
 from scipy import ndimage
 
 __all__ = [
+    "ScanRejected",
     "anatomy_crop_box",
+    "check_ct_values",
     "crop_to_anatomies",
     "load_class_table",
     "load_ct",
     "load_dicom_series",
     "load_segmentation",
+    "metadata_affine",
     "pad_to_min_size",
     "preprocess_scan",
     "resample",
@@ -43,6 +46,20 @@ __all__ = [
 ]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# Plausibility of Hounsfield units (see check_ct_values). A CT of a body always holds some air (outside the
+# body, lungs, bowel gas): at least AIR_MIN_FRACTION of its voxels lie below AIR_HU. Dense bone and metal are rare:
+# at most DENSE_MAX_FRACTION of the voxels lie above DENSE_HU.
+AIR_HU, AIR_MIN_FRACTION = -500.0, 0.001
+DENSE_HU, DENSE_MAX_FRACTION = 3000.0, 0.05
+
+
+class ScanRejected(ValueError):
+    """A scan that cannot be used, with a human-readable reason and a short category for counting."""
+
+    def __init__(self, reason: str, category: str):
+        super().__init__(reason)
+        self.reason, self.category = reason, category
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,21 +106,89 @@ def _squeeze_3d(shape, what: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def load_ct(path) -> tuple[np.ndarray, np.ndarray]:
+def metadata_affine(xy_spacing, z_spacing, position_lps, orientation_lps) -> np.ndarray:
+    """NIfTI (RAS) affine of a stored volume from DICOM-style geometry (CT-RATE's metadata table).
+
+    ``xy_spacing``: (spacing along the first array axis, along the second) in mm, i.e. CT-RATE's XYSpacing in its
+    written order; ``z_spacing``: spacing along the third axis; ``position_lps``: ImagePositionPatient, the LPS
+    position of voxel (0, 0, 0); ``orientation_lps``: ImageOrientationPatient, 6 numbers = LPS direction of the
+    first array axis (row cosines) then of the second (column cosines). The third axis runs along their cross
+    product. LPS -> RAS negates x and y. Raises ``ValueError`` for non-positive spacings or cosines that are not
+    two orthogonal (unit after normalisation) vectors.
+    """
+    sx, sy = (float(v) for v in xy_spacing)
+    sz = float(z_spacing)
+    if not (sx > 0 and sy > 0 and sz > 0) or not np.all(np.isfinite([sx, sy, sz])):
+        raise ValueError(f"spacings must be positive, got XY {list(xy_spacing)} Z {z_spacing}")
+    iop = np.asarray(orientation_lps, np.float64).reshape(6)
+    row, col = iop[:3], iop[3:]
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    if not (nr > 0.5 and nc > 0.5) or abs(row @ col) / (nr * nc) > 1e-3:
+        raise ValueError(f"ImageOrientationPatient {iop.tolist()} is not two orthogonal direction vectors")
+    row, col = row / nr, col / nc
+    lps = np.eye(4)
+    lps[:3, 0] = row * sx
+    lps[:3, 1] = col * sy
+    lps[:3, 2] = np.cross(row, col) * sz
+    lps[:3, 3] = np.asarray(position_lps, np.float64).reshape(3)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _load_ct(path, geometry=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(volume in HU, affine to use, the file's own affine). See :func:`load_ct`."""
+    path = Path(path)
+    if path.is_dir():
+        vol, aff = load_dicom_series(path)
+        return vol, aff, aff
+    img = nib.load(str(path))
+    shape = _squeeze_3d(img.shape, f"CT {path}")
+    if geometry is None:
+        vol = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+        return vol, np.asarray(img.affine, dtype=np.float64), np.asarray(img.affine, dtype=np.float64)
+    proxy = img.dataobj
+    raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    vol = np.asarray(raw, dtype=np.float32).reshape(shape)
+    vol *= np.float32(geometry["slope"])
+    vol += np.float32(geometry["intercept"])
+    return vol, np.asarray(geometry["affine"], np.float64), np.asarray(img.affine, dtype=np.float64)
+
+
+def load_ct(path, geometry=None) -> tuple[np.ndarray, np.ndarray]:
     """Load a CT scan as Hounsfield units.
 
     ``path`` is a NIfTI file or a directory holding one DICOM series (dispatched to :func:`load_dicom_series`).
     Returns ``(volume, affine)``: ``volume`` float32 ``[I, J, K]`` in the file's voxel order with the NIfTI
     ``scl_slope`` / ``scl_inter`` applied, ``affine`` float64 ``[4, 4]`` voxel -> RAS mm. Trailing singleton
     dimensions are dropped; anything else that is not 3D raises ``ValueError``.
+
+    ``geometry`` (NIfTI only; a DICOM series carries its own): ``{"affine": 4x4 RAS affine (see
+    :func:`metadata_affine`), "slope": s, "intercept": b}`` from an external table such as CT-RATE's metadata.
+    Then the header's affine is replaced and HU = stored value * s + b, applied to the **raw stored** values
+    (the header's scl_slope / scl_inter are ignored, never applied twice).
     """
-    path = Path(path)
-    if path.is_dir():
-        return load_dicom_series(path)
-    img = nib.load(str(path))
-    shape = _squeeze_3d(img.shape, f"CT {path}")
-    vol = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    return vol, np.asarray(img.affine, dtype=np.float64)
+    vol, aff, _ = _load_ct(path, geometry)
+    return vol, aff
+
+
+def check_ct_values(volume_hu) -> None:
+    """Raise :class:`ScanRejected` unless the values are finite and look like CT in Hounsfield units.
+
+    Rule: at least 0.1 % of the voxels below -500 HU (air: outside the body, lungs, bowel gas) and at most 5 %
+    above 3000 HU. Catches MR or other modalities, and CT stored without its rescale intercept (raw 0..4095).
+    """
+    v = np.asarray(volume_hu)
+    bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+    if bad:
+        raise ScanRejected(f"image has {bad} non-finite voxel values (NaN or infinite)", "non-finite values")
+    n = max(v.size, 1)
+    air = np.count_nonzero(v < AIR_HU) / n
+    dense = np.count_nonzero(v > DENSE_HU) / n
+    if air < AIR_MIN_FRACTION or dense > DENSE_MAX_FRACTION:
+        raise ScanRejected(
+            f"image does not look like CT in Hounsfield units: {100 * air:.3g}% of voxels below {AIR_HU:g} HU "
+            f"(air; expected >= {100 * AIR_MIN_FRACTION:g}%), {100 * dense:.3g}% above {DENSE_HU:g} HU (expected <= "
+            f"{100 * DENSE_MAX_FRACTION:g}%); value range {float(v.min()):g}..{float(v.max()):g}. "
+            "MR, or a CT stored without its rescale slope/intercept?", "not CT (implausible HU)")
 
 
 def _resolve_classes(class_table: Mapping[int, str], anatomies: Mapping[str, Sequence[str]]) -> dict[str, int]:
@@ -434,6 +519,8 @@ def preprocess_scan(
     hu_window,
     margin_zyx,
     min_size_zyx,
+    geometry=None,
+    check_ct: bool = False,
 ) -> dict:
     """Load a CT and its TotalSegmentator result and produce a training/inference-ready sample.
 
@@ -443,6 +530,11 @@ def preprocess_scan(
     ``margin_zyx`` and zero-pad to ``min_size_zyx``. The image is only interpolated inside the crop box (same
     values as resampling everything and cropping).
 
+    ``geometry``: optional external geometry and rescale of the image (see :func:`load_ct`); the segmentation may
+    then carry either the file's header or that geometry. ``check_ct``: reject values that are not finite or do not
+    look like CT (:func:`check_ct_values`). Every unusable input raises :class:`ScanRejected` (a ``ValueError``)
+    with a human-readable reason.
+
     Returns a dict:
       ``image`` uint8 ``[Z, Y, X]`` = round(windowed * 255); ``labels`` uint8 ``[Z, Y, X]`` anatomy index;
       ``spacing_xyz`` tuple; ``present`` bool ``[A]`` (anatomy has voxels in ``labels``);
@@ -450,13 +542,31 @@ def preprocess_scan(
       ``affine`` float64 ``[4, 4]`` RAS affine of the output indexed (x, y, z), i.e. of ``image.transpose(2,1,0)``;
       ``crop`` the crop/pad info of :func:`crop_to_anatomies`.
     """
-    ct, ct_aff = load_ct(image_path)
-    seg, seg_aff = load_segmentation(seg_path, class_table, anatomies)
-    if ct.shape != seg.shape or not np.allclose(ct_aff, seg_aff, rtol=0, atol=1e-3):
-        raise ValueError(
+    for path, what in ((image_path, "image"), (seg_path, "segmentation")):
+        if not os.path.exists(path):
+            raise ScanRejected(f"{what} not found: {path}", f"{what} missing")
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ScanRejected(f"{what} file is empty (0 bytes): {path}", f"{what} unreadable")
+    try:
+        ct, ct_aff, header_aff = _load_ct(image_path, geometry)
+    except Exception as e:
+        raise ScanRejected(f"image could not be read ({type(e).__name__}: {e})", "image unreadable") from e
+    if check_ct:
+        check_ct_values(ct)
+    try:
+        seg, seg_aff = load_segmentation(seg_path, class_table, anatomies)
+    except Exception as e:
+        raise ScanRejected(f"segmentation could not be read ({type(e).__name__}: {e})",
+                           "segmentation unreadable") from e
+    # With an external geometry the segmentation may carry either the file's header (TotalSegmentator run on the
+    # stored file) or the corrected geometry (run on a fixed copy): same voxel grid, so it takes the image's.
+    on_grid = ct.shape == seg.shape and any(np.allclose(a, seg_aff, rtol=0, atol=1e-3) for a in (ct_aff, header_aff))
+    if not on_grid:
+        raise ScanRejected(
             f"segmentation {seg_path} (shape {seg.shape}, affine {np.round(seg_aff, 4).tolist()}) is not on the grid "
-            f"of image {image_path} (shape {ct.shape}, affine {np.round(ct_aff, 4).tolist()})"
-        )
+            f"of image {image_path} (shape {ct.shape}, affine {np.round(ct_aff, 4).tolist()})",
+            "segmentation grid differs from the image")
+    seg_aff = ct_aff
     ct_zyx, canon_aff, src_spacing = to_canonical(ct, ct_aff)
     seg_zyx, _, _ = to_canonical(seg, seg_aff)
     del ct, seg
@@ -464,7 +574,10 @@ def preprocess_scan(
     out_shape = resampled_shape(ct_zyx.shape, src_spacing, new_spacing)
     scale, offset = _resample_params(ct_zyx.shape, src_spacing, new_spacing, out_shape)
     labels = _resample_block(seg_zyx, scale, offset, (0, 0, 0), out_shape, 0)
-    start, stop = anatomy_crop_box(labels, margin_zyx)
+    try:
+        start, stop = anatomy_crop_box(labels, margin_zyx)
+    except ValueError as e:
+        raise ScanRejected("segmentation holds none of the configured anatomies", "empty segmentation") from e
     crop_shape = tuple(b - a for a, b in zip(start, stop))
     img = _resample_block(ct_zyx, scale, offset, start, crop_shape, 1)
     img = window(img, float(hu_window[0]), float(hu_window[1]))

@@ -53,13 +53,19 @@ class ShardedWriter:
         for w in self.writers:
             w.close()
         num_bytes = sum(os.path.getsize(p) for p in self.paths)
-        return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes)
+        return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes,
+                                   filename_template=file_template(os.path.dirname(self.paths[0]), self.split))
+
+
+def file_template(records_dir: str, split: str | None = None) -> tfds.core.ShardedFileTemplate:
+    return tfds.core.ShardedFileTemplate(data_dir=records_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+                                         dataset_name=DATASET_NAME, split=split, filetype_suffix=FILE_FORMAT)
 
 
 def write_metadata(records_dir: str, feature_spec, split_infos, description: str) -> None:
-    template = f"{DATASET_NAME}-{{SPLIT}}.{{FILEFORMAT}}-{{SHARD_X_OF_Y}}"
     tfds.folder_dataset.write_metadata(data_dir=records_dir, features=feature_spec, split_infos=split_infos,
-                                       filename_template=template, description=description, check_data=False)
+                                       filename_template=file_template(records_dir), description=description,
+                                       check_data=False)
 
 
 def load_builder(records_dir: str):

@@ -61,7 +61,8 @@ class FVLM(nnx.Module):
         self.num_anatomies = num_anatomies
         self.patch_zyx = tuple(v.patch_zyx)
         self.vision = ViT3D(input_zyx=cfg.input_zyx, patch_zyx=v.patch_zyx, width=v.width, depth=v.depth,
-                            heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks, rngs=rngs)
+                            heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks,
+                            stem_channels=v.get("stem_channels", ()), rngs=rngs)
         nq = 1 if global_pool else num_anatomies
         self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs)
         self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)))

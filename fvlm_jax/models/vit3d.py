@@ -4,38 +4,73 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fvlm_jax.models.transformer import Block
 
 
-def patchify(volume, patch_zyx):
-    """[B, Z, Y, X] -> [B, gz*gy*gx, pz*py*px] non-overlapping patches, raster order (z, y, x)."""
-    b, z, y, x = volume.shape
-    pz, py, px = patch_zyx
-    if z % pz or y % py or x % px:
-        raise ValueError(f"volume {volume.shape[1:]} is not divisible by the patch {tuple(patch_zyx)}")
-    v = volume.reshape(b, z // pz, pz, y // py, py, x // px, px)
-    v = v.transpose(0, 1, 3, 5, 2, 4, 6)
-    return v.reshape(b, (z // pz) * (y // py) * (x // px), pz * py * px)
+def patchify_channels(x, stride_zyx):
+    """[B, Z, Y, X, C] -> [B, Z/sz, Y/sy, X/sx, sz*sy*sx*C]: a non-overlapping strided conv's input as a matmul."""
+    b, z, y, x_, c = x.shape
+    sz, sy, sx = stride_zyx
+    x = x.reshape(b, z // sz, sz, y // sy, sy, x_ // sx, sx, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, z // sz, y // sy, x_ // sx, sz * sy * sx * c)
+
+
+def stem_strides(patch_zyx, num_stages: int) -> list[tuple[int, int, int]]:
+    """Strides of the stem stages: halve every axis that allows it, the last stage takes what remains."""
+    left, out = list(patch_zyx), []
+    for _ in range(num_stages):
+        s = tuple(2 if p % 2 == 0 and p > 1 else 1 for p in left)
+        left = [p // q for p, q in zip(left, s)]
+        out.append(s)
+    return [*out, tuple(left)]
+
+
+class ConvStem(nnx.Module):
+    """Patch embedding as a few non-overlapping strided convolutions with GELU between them (kernel = stride).
+
+    Same token grid as the single linear patch embedding, but non-linear inside the patch, so small high-contrast
+    findings (calcifications, nodules) are not averaged away before the transformer sees them.
+    """
+
+    def __init__(self, patch_zyx, channels, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.strides = stem_strides(patch_zyx, len(channels))
+        dims = [1, *channels, width]
+        self.layers = nnx.List([
+            nnx.Linear(dims[i] * s[0] * s[1] * s[2], dims[i + 1], rngs=rngs, dtype=dtype)
+            for i, s in enumerate(self.strides)])
+
+    def __call__(self, volume):
+        """volume [B, Z, Y, X] -> tokens [B, N, width]."""
+        x = volume[..., None]
+        for i, (layer, s) in enumerate(zip(self.layers, self.strides)):
+            x = layer(patchify_channels(x, s))
+            if i + 1 < len(self.layers):
+                x = jax.nn.gelu(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class ViT3D(nnx.Module):
     """Single-channel 3D ViT without CLS token.
 
+    Tokens are in raster order (z, y, x) of the patch grid, as `patchify` and `anatomy.token_membership`.
     Returns the token outputs of the blocks listed in `feature_blocks` (1-based) plus the final LayerNorm output,
     stacked as [L, B, N, D]: fVLM pools anatomies over all these levels together.
     """
 
     def __init__(self, *, input_zyx: Sequence[int], patch_zyx: Sequence[int], width: int, depth: int, heads: int,
-                 mlp_dim: int, feature_blocks: Sequence[int], rngs: nnx.Rngs, dtype=jnp.float32):
+                 mlp_dim: int, feature_blocks: Sequence[int], rngs: nnx.Rngs, stem_channels: Sequence[int] = (),
+                 dtype=jnp.float32):
         if any(not 1 <= i <= depth for i in feature_blocks):
             raise ValueError(f"feature_blocks {tuple(feature_blocks)} must lie in [1, depth={depth}]")
         self.patch_zyx = tuple(patch_zyx)
         self.grid_zyx = tuple(i // p for i, p in zip(input_zyx, patch_zyx))
         n = self.grid_zyx[0] * self.grid_zyx[1] * self.grid_zyx[2]
-        self.embed = nnx.Linear(int(jnp.prod(jnp.array(patch_zyx))), width, rngs=rngs, dtype=dtype)
+        # stem_channels=() is the paper's single linear 3D patch embedding.
+        self.stem = ConvStem(patch_zyx, tuple(stem_channels), width, rngs=rngs, dtype=dtype)
         self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n, width)))
         self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
         self.final_ln = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
@@ -43,7 +78,7 @@ class ViT3D(nnx.Module):
 
     def __call__(self, volume):
         """volume: [B, Z, Y, X] float in [0, 1]. Returns [L, B, N, D] multi-level token features."""
-        x = self.embed(patchify(volume, self.patch_zyx)) + self.pos[...]
+        x = self.stem(volume) + self.pos[...]
         levels = []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x)

@@ -1,0 +1,79 @@
+"""fVLM at the paper's size on CT-RATE (public chest CT): ViT-B 3D on 112 x 256 x 352, 4 anatomies, 16 tasks.
+
+python run.py --config=configs/ct_rate.py --workdir=/data/fvlm_ct_rate \\
+    --config.data.root=/data/CT-RATE --config.data.segmentation_root=/data/CT-RATE/totalseg
+"""
+
+import ml_collections
+
+from configs import demo
+
+ANATOMIES = {
+    "lung": demo.ANATOMIES["lung"],
+    "heart": ["heart"],
+    "esophagus": ["esophagus"],
+    "aorta": ["aorta"],
+}
+
+_LUNG = ["Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+         "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+         "Interlobular septal thickening"]
+_HEART = ["Cardiomegaly", "Pericardial effusion", "Coronary artery wall calcification"]
+# The reference protocol's 16 scored labels (Medical material and Lymphadenopathy are dropped), "Not X." / "X.".
+TASKS = ([("lung", d, f"Not {d}.", f"{d}.") for d in _LUNG] + [("heart", d, f"Not {d}.", f"{d}.") for d in _HEART]
+         + [("esophagus", "Hiatal hernia", "Not Hiatal hernia.", "Hiatal hernia."),
+            ("aorta", "Arterial wall calcification", "Not Arterial wall calcification.",
+             "Arterial wall calcification.")])
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = demo.get_config()
+    c.data.source = "ct_rate"
+    c.data.root = ""  # folder with dataset/, radiology_text_reports/, multi_abnormality_labels/, metadata/
+    c.data.segmentation_root = ""  # TotalSegmentator outputs as <root>/<split>/<volume>.nii.gz (or its folder)
+    c.data.train_split = "train"
+    # CT-RATE publishes no third split: thresholds come from the reported split, as in CT-CLIP (AUC is unaffected).
+    c.data.threshold_split = "valid"
+    c.data.eval_split = "valid"
+    c.data.num_shards = 256
+    c.data.workers = 16
+    c.data.shuffle_buffer = 256
+
+    c.prep.anatomies = ANATOMIES
+    c.prep.spacing_xyz = (1.0, 1.0, 3.0)
+    c.prep.hu_window = (-1150.0, 350.0)
+    c.prep.margin_zyx = (5, 20, 20)
+    c.prep.min_size_zyx = (112, 256, 352)
+    c.prep.vocab_size = 8000
+    c.prep.text_len = 128
+    c.prep.report_len = 512
+
+    c.model.input_zyx = (112, 256, 352)
+    c.model.embed_dim = 256
+    c.model.pool_heads = 4
+    c.model.vision = ml_collections.ConfigDict(dict(
+        patch_zyx=(16, 16, 32), width=768, depth=12, heads=12, mlp_dim=3072, feature_blocks=(4, 7, 10),
+        stem_channels=()))
+    c.model.text = ml_collections.ConfigDict(dict(
+        vocab_size=8000, max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
+
+    c.train.batch_size = 56
+    c.train.steps = 7540  # 20 epochs of 377 steps
+    c.train.learning_rate = 1e-4
+    c.train.init_learning_rate = 1e-6
+    c.train.end_learning_rate = 1e-6
+    c.train.warmup_steps = 377
+    c.train.weight_decay = 0.01
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+
+    c.eval.tasks = TASKS
+    c.eval.batch_size = 16
+    if arg == "runlocal":  # the same code path at a size that runs on a laptop
+        c.model.input_zyx = (32, 64, 64)
+        c.prep.min_size_zyx = (32, 64, 64)
+        c.model.vision.update(patch_zyx=(8, 16, 16), width=64, depth=2, heads=4, mlp_dim=128, feature_blocks=(1,))
+        c.model.text.update(width=64, depth=2, heads=4, mlp_dim=128)
+        c.train.batch_size, c.train.steps = 4, 10
+    return c

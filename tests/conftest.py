@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A tiny demo configuration: seconds per stage on a 2-core CPU.
+TINY = [
+    "--config.data.num_train=32", "--config.data.num_valid=12", "--config.data.num_test=12",
+    "--config.data.num_shards=2", "--config.train.batch_size=8", "--config.train.steps=4",
+    "--config.train.warmup_steps=1", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+    "--config.model.vision.width=32", "--config.model.text.width=32", "--config.model.embed_dim=32",
+]
+
+
+def run_cli(workdir, *args, timeout=900):
+    """Runs the real CLI on the demo config; returns the CompletedProcess (asserting success)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={workdir}",
+           *TINY, *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory):
+    """A workdir with the tiny demo data set generated and prepared (records, tokenizer, manifest)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    run_cli(workdir, "--mode=prepare")
+    return workdir
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA} (the real CTs live beside the checkout)")
+    return SHARED_DATA

@@ -1,0 +1,55 @@
+"""The real CLI on the demo config (tiny sizes): prepare -> train both methods -> eval -> export, resume, inference."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_eval_export_and_resume(prepared_demo):
+    workdir = prepared_demo
+    run_cli(workdir, "--mode=train")
+    fvlm_log = _metrics(workdir / "train" / "metrics.jsonl")
+    assert [r["step"] for r in fvlm_log] == [1, 2, 3, 4]
+    assert all({"loss", "learning_rate", "loss/lung"} <= set(r) and np.isfinite(r["loss"]) for r in fvlm_log)
+    assert (workdir / "clip" / "train" / "metrics.jsonl").exists()
+
+    # A rerun with a longer budget resumes from the step-4 checkpoint instead of starting over.
+    res = run_cli(workdir, "--mode=train", "--config.train.steps=6", "--config.train.methods=('fvlm',)")
+    resumed = _metrics(workdir / "train" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed[:4] == fvlm_log
+    assert "resumed from step 4" in res.stderr
+
+    res = run_cli(workdir, "--mode=eval", "--config.train.steps=6")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary) == {"fvlm", "clip"}
+    for method in summary.values():
+        assert 0.0 <= method["mean_auc"] <= 1.0
+        assert "lung/Lung nodule" in method["per_task"]
+    assert "mean AUC" in res.stdout
+    detail = json.loads((workdir / "eval" / "fvlm.json").read_text())
+    assert detail["split"] == "test" and detail["threshold_split"] == "valid"
+
+    run_cli(workdir, "--mode=export", "--config.train.steps=6")
+    from fvlm_jax.export import Predictor
+
+    pred = Predictor(str(workdir / "export" / "fvlm"))
+    scan = next((workdir / "raw" / "dataset" / "test").glob("*/*/*.nii.gz"))
+    seg = workdir / "raw" / "segmentations" / "test" / scan.name
+    scores = pred.score(str(scan), str(seg))
+    assert len(scores) == 13 and all(0.0 <= s <= 1.0 for s in scores.values())
+    enc = pred.encode(str(scan), str(seg))
+    assert set(enc["embeddings"]) == set(pred.anatomies) and all(enc["present"].values())
+    np.testing.assert_allclose(np.linalg.norm(enc["embeddings"]["lung"]), 1.0, rtol=1e-4)
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match="must be divisible by model.vision.patch_zyx"):
+        run_cli(tmp_path, "--mode=prepare", "--config.model.input_zyx=(30, 48, 64)")

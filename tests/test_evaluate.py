@@ -1,0 +1,51 @@
+"""Zero-shot scores and metrics against slow references."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fvlm_jax import evaluate
+
+
+def test_task_scores_match_loop():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(5, 3, 4))
+    prompts = rng.normal(size=(2, 2, 4))
+    index = [2, 0]
+    got = evaluate.task_scores(img, prompts, index, 0.07)
+    for n in range(5):
+        for t in range(2):
+            s = [float(img[n, index[t]] @ prompts[t, k]) / 0.07 for k in range(2)]
+            want = np.exp(s[1]) / (np.exp(s[0]) + np.exp(s[1]))
+            assert got[n, t] == pytest.approx(want, rel=1e-9)
+
+
+def test_roc_threshold_is_closest_point_to_corner():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = y * 0.5 + rng.random(200)
+    thr = evaluate.roc_threshold(y, s)
+    best, best_d = None, np.inf
+    for t in np.unique(s):
+        pred = s >= t
+        tpr = (pred & (y == 1)).sum() / (y == 1).sum()
+        fpr = (pred & (y == 0)).sum() / (y == 0).sum()
+        d = fpr**2 + (1 - tpr) ** 2
+        if d < best_d:
+            best, best_d = t, d
+    assert thr == pytest.approx(best)
+
+
+def test_report_uses_threshold_split_and_skips_single_class_tasks():
+    rng = np.random.default_rng(2)
+    targets = np.stack([rng.integers(0, 2, 50), np.zeros(50, int)], 1)
+    scores = rng.random((50, 2))
+    thr_targets = np.stack([rng.integers(0, 2, 40), rng.integers(0, 2, 40)], 1)
+    thr_scores = rng.random((40, 2))
+    out = evaluate.zero_shot_report(scores, targets, ["a", "b"], thr_scores, thr_targets)
+    assert out["per_task"]["b"] is None
+    assert out["mean_auc"] == pytest.approx(roc_auc_score(targets[:, 0], scores[:, 0]))
+    thr = evaluate.roc_threshold(thr_targets[:, 0], thr_scores[:, 0])
+    pred = scores[:, 0] >= thr
+    assert out["thresholded"]["a"]["threshold"] == pytest.approx(thr)
+    assert out["thresholded"]["a"]["accuracy"] == pytest.approx((pred == targets[:, 0]).mean())

@@ -1,0 +1,118 @@
+"""Anatomy token membership, intact filter, pooling and encoder shapes against NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from fvlm_jax import anatomy
+from fvlm_jax.models.fvlm import FVLM, AnatomyPool
+from fvlm_jax.models.vit3d import ConvStem, patchify_channels
+
+
+def random_labels(seed, shape=(2, 8, 12, 16), a=3):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    for b in range(shape[0]):
+        for i in range(a):
+            lo = [rng.integers(0, s - 2) for s in shape[1:]]
+            hi = [lo_ + rng.integers(1, 5) for lo_ in lo]
+            labels[b, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = i + 1
+    labels[1][labels[1] == 3] = 0  # anatomy 3 absent in sample 1
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_membership_is_max_pool(seed):
+    labels = random_labels(seed)
+    patch = (2, 4, 4)
+    got = np.asarray(anatomy.token_membership(jnp.asarray(labels), 3, patch))
+    b_n, z, y, x = labels.shape
+    want = np.zeros((b_n, 3, (z // 2) * (y // 4) * (x // 4)), bool)
+    for b in range(b_n):
+        n = 0
+        for gz in range(z // 2):
+            for gy in range(y // 4):
+                for gx in range(x // 4):
+                    block = labels[b, gz * 2:(gz + 1) * 2, gy * 4:(gy + 1) * 4, gx * 4:(gx + 1) * 4]
+                    for a in range(3):
+                        want[b, a, n] = (block == a + 1).any()
+                    n += 1
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_presence_and_intact(seed):
+    labels = random_labels(seed)
+    present, intact = (np.asarray(v) for v in anatomy.presence_and_intact(jnp.asarray(labels), 3))
+    for b in range(labels.shape[0]):
+        for a in range(3):
+            m = labels[b] == a + 1
+            touches = m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() or m[:, :, 0].any() or \
+                m[:, :, -1].any()
+            assert present[b, a] == m.any()
+            assert intact[b, a] == (m.any() and not touches)
+
+
+def test_patchify_raster_order():
+    v = np.arange(4 * 4 * 8).reshape(1, 4, 4, 8)
+    p = np.asarray(patchify_channels(jnp.asarray(v)[..., None], (2, 2, 4))).reshape(1, -1, 16)
+    np.testing.assert_array_equal(p[0, 1], v[0, 0:2, 0:2, 4:8].ravel())
+    np.testing.assert_array_equal(p[0, 2], v[0, 0:2, 2:4, 0:4].ravel())
+
+
+def gelu(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("channels", [(), (3,), (3, 5)])
+def test_conv_stem_matches_loop_reference(channels):
+    stem = ConvStem((4, 4, 8), channels, 6, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    vol = rng.random((2, 8, 4, 16)).astype(np.float32)
+    got = np.asarray(stem(jnp.asarray(vol)))
+    x = vol[..., None]
+    for i, (layer, s) in enumerate(zip(stem.layers, stem.strides)):
+        w, bias = np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])
+        b_, z, y, xx, c = x.shape
+        out = np.zeros((b_, z // s[0], y // s[1], xx // s[2], w.shape[1]), np.float32)
+        for idx in np.ndindex(*out.shape[:4]):
+            bb, k, j, m = idx
+            block = x[bb, k * s[0]:(k + 1) * s[0], j * s[1]:(j + 1) * s[1], m * s[2]:(m + 1) * s[2]]
+            out[idx] = block.reshape(-1) @ w + bias
+        x = gelu(out) if i + 1 < len(stem.layers) else out
+    np.testing.assert_allclose(got, x.reshape(2, -1, 6), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_query_pooling_starts_as_mean_over_anatomy_tokens():
+    pool = AnatomyPool(2, 8, 2, rngs=nnx.Rngs(0))
+    pool.q.bias[...] = jnp.zeros_like(pool.q.bias[...])
+    rng = np.random.default_rng(0)
+    levels = jnp.asarray(rng.normal(size=(2, 1, 5, 8)), jnp.float32)  # [L, B, N, D]
+    member = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]]], bool)
+    got = np.asarray(pool(levels, jnp.asarray(member)))
+    tokens = np.asarray(pool.ln(jnp.moveaxis(levels, 0, 1).reshape(1, 10, 8)))
+    v = tokens @ np.asarray(pool.kv.kernel[...])[:, 8:] + np.asarray(pool.kv.bias[...])[8:]
+    for a in range(2):
+        mask = np.tile(member[0, a], 2)
+        want = v[0, mask].mean(0) @ np.asarray(pool.out.kernel[...]) + np.asarray(pool.out.bias[...])
+        np.testing.assert_allclose(got[0, a], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_fvlm_shapes_and_normalisation(global_pool):
+    cfg = demo.get_config()
+    a = len(cfg.prep.anatomies)
+    model = FVLM(cfg.model, a, global_pool=global_pool, rngs=nnx.Rngs(0))
+    z, y, x = cfg.model.input_zyx
+    image = jax.random.uniform(jax.random.key(0), (2, z, y, x))
+    labels = jnp.zeros((2, z, y, x), jnp.uint8).at[:, 4:10, 4:20, 4:20].set(1)
+    emb, present, intact = model.encode_image(image, labels)
+    assert emb.shape == (2, 1 if global_pool else a, cfg.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, rtol=1e-4)
+    assert present.shape == intact.shape == (2, a) and bool(intact[0, 0]) and not bool(present[0, 1])
+    txt = model.encode_text(jnp.ones((2, 3, 16), jnp.int32))
+    assert txt.shape == (2, 3, cfg.model.embed_dim)
+    assert 0.001 <= float(model.temp()) <= 0.5
