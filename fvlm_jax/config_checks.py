@@ -45,9 +45,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"prep.hu_window {tuple(cfg.prep.hu_window)} must be (low, high) with low < high")
     if any(s <= 0 for s in cfg.prep.spacing_xyz):
         errors.append("prep.spacing_xyz must be positive")
-    if cfg.data.source not in ("demo", "ct_rate"):
-        errors.append(f"data.source={cfg.data.source!r}: choose 'demo' or 'ct_rate'")
+    if cfg.data.source not in ("demo", "ct_rate", "manifest"):
+        errors.append(f"data.source={cfg.data.source!r}: choose 'demo', 'ct_rate' or 'manifest'")
     if cfg.data.source == "ct_rate" and not cfg.data.root:
         errors.append("data.source='ct_rate' needs data.root (the folder holding dataset/, radiology_text_reports/...)")
+    if cfg.data.source == "manifest" and not str(cfg.data.root).endswith(".jsonl"):
+        errors.append("data.source='manifest' needs data.root = the path of a .jsonl manifest")
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

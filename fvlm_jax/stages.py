@@ -4,7 +4,7 @@
   records/    prepared TFRecords (tfds folder), tokenizer.model, manifest.json, stats.json, rejects.jsonl
   train/      fVLM checkpoints/ and metrics.jsonl
   clip/train/ the whole-volume CLIP baseline, same layout
-  eval/       <method>.json zero-shot results;  summary.json at the top
+  eval/       <method>.json zero-shot results, auc.png, training.png;  summary.json at the top
   export/<method>/  self-contained inference folders (fvlm_jax.export.Predictor)
 
 TensorFlow is imported only by the stages that read records (prepare, train, eval).
@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fvlm_jax import evaluate, export, train
+from fvlm_jax import evaluate, export, plots, train
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         summary[method] = {"mean_auc": result["mean_auc"], "per_task": result["per_task"]}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    plots.auc_bars(summary, os.path.join(workdir, "eval", "auc.png"))
+    plots.training_curves({m: os.path.join(train_dir(workdir, m), "metrics.jsonl") for m in cfg.train.methods},
+                          os.path.join(workdir, "eval", "training.png"))
     print(results_table(summary))
     return summary
 

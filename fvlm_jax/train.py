@@ -54,8 +54,12 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     # No decay on biases, norms, queries, temperature: only on matrices.
-    return optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, weight_decay=cfg.train.weight_decay,
-                       mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, weight_decay=cfg.train.weight_decay,
+                        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    clip = cfg.train.get("grad_clip_norm", 0.0)
+    # At temperature 0.07 the first gradients are ~100x later ones; unclipped they throw a small model into the
+    # collapsed state (all embeddings equal, uniform logits) that the normal-pair targets make slow to leave.
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
 
 def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict):

@@ -59,7 +59,7 @@ _METADATA_COLUMNS = ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "Res
                      "ImagePositionPatient", "ImageOrientationPatient", "Manufacturer"]
 _SPLITS = {"train": ("train", "train", 0), "valid": ("validation", "valid", 1), "test": ("test", "test", 2)}
 _HEALTHY_FRACTION = 0.28
-_DISEASE_P = 0.15 / (1 - _HEALTHY_FRACTION)  # per-disease prevalence among the non-healthy scans -> ~15% overall
+_DISEASE_P = 0.2 / (1 - _HEALTHY_FRACTION)  # per-disease prevalence among the non-healthy scans -> ~20% overall
 _NOISE_HU = 15.0
 
 
@@ -256,14 +256,16 @@ def generate_case(rng: np.random.Generator) -> dict:
     img = np.full(shape, -1000.0)
     img[body] = -100.0  # subcutaneous fat rim; the inner body is soft tissue
     img[body & inner] = 40.0
-    contrast = rng.random() < 0.3
+    contrast = rng.random() < 0.6
+    # Portal-venous enhancement of the abdominal organs when contrast was given (kidneys enhance most).
     organ_hu = {
-        _LIVER: 60 + rng.normal(0, 4), _SPLEEN: 50 + rng.normal(0, 3), _KIDNEY_R: 35.0, _KIDNEY_L: 35.0,
+        _LIVER: (105 if contrast else 60) + rng.normal(0, 4), _SPLEEN: (115 if contrast else 50) + rng.normal(0, 3),
+        _KIDNEY_R: 160.0 if contrast else 35.0, _KIDNEY_L: 160.0 if contrast else 35.0,
         _HEART: 40.0, _AORTA: 150.0 if contrast else 45.0, _ESOPHAGUS: 32.0, _TRACHEA: -1000.0,
     }
     lung_hu = -850 + rng.normal(0, 10)
     for label in _VERTEBRAE:
-        organ_hu[label] = 320.0
+        organ_hu[label] = 250.0  # trabecular bone; calcifications (400-1000 HU) stay brighter
     for label in (_LUL, _LLL, _RUL, _RML, _RLL):
         organ_hu[label] = lung_hu
     lut = np.full(256, np.nan)
@@ -288,7 +290,7 @@ def generate_case(rng: np.random.Generator) -> dict:
             c = lungs[side] + np.array([0, rng.uniform(-15, 15), rng.uniform(15, 30)])
             region |= grid.ellipsoid(c, np.array([40, 55, 42]) * rng.uniform(0.9, 1.1))
         region &= lung
-        img[region] = -975.0
+        img[region] = -985.0
         bullae = []
         for _ in range(int(rng.integers(2, 5))):
             c, r = _pick_center(rng, grid, region, float(rng.uniform(8, 15)), 5)
@@ -328,8 +330,8 @@ def generate_case(rng: np.random.Generator) -> dict:
     if "Lung nodule" in wanted["lung"]:
         placed = []
         free = lung & ~ndimage.binary_dilation(occupied, iterations=2)
-        for _ in range(int(rng.integers(1, 4))):
-            c, r = _pick_center(rng, grid, free, float(rng.uniform(15, 22)), 12,
+        for _ in range(int(rng.integers(2, 4))):
+            c, r = _pick_center(rng, grid, free, float(rng.uniform(20, 26)), 15,
                                 avoid=[(p, q + 10) for p, q in placed])
             if c is None:
                 continue
@@ -349,7 +351,7 @@ def generate_case(rng: np.random.Generator) -> dict:
         truth["heart"].append("Pericardial effusion")
     if "Coronary artery wall calcification" in wanted["heart"]:
         n = 0
-        for _ in range(int(rng.integers(4, 8))):
+        for _ in range(int(rng.integers(5, 9))):
             # Short curves on the epicardial surface, inside the heart mask.
             d0 = rng.normal(0, 1, 3)
             d0[1] = abs(d0[1])
@@ -357,8 +359,8 @@ def generate_case(rng: np.random.Generator) -> dict:
             d1 = d0 + rng.normal(0, 0.25, 3)
             d1 /= np.linalg.norm(d1)
             p0, p1 = heart_c + 0.9 * heart_semi * d0, heart_c + 0.9 * heart_semi * d1
-            spot = grid.tube([p0, p1], 7.0) & myocardium
-            img[spot] = rng.uniform(400, 900)
+            spot = grid.tube([p0, p1], 8.0) & myocardium
+            img[spot] = rng.uniform(600, 1000)
             n += int(spot.any())
         if n:
             truth["heart"].append("Coronary artery wall calcification")
@@ -366,14 +368,14 @@ def generate_case(rng: np.random.Generator) -> dict:
     if "Arterial wall calcification" in wanted["aorta"]:
         aorta = seg == _AORTA
         n = 0
-        for _ in range(int(rng.integers(4, 9))):
+        for _ in range(int(rng.integers(6, 12))):
             k = int(rng.integers(1, len(aorta_pts) - 1))
             t = rng.random()
             p = aorta_pts[k] + t * (aorta_pts[k + 1] - aorta_pts[k])
             v = rng.normal(0, 1, 3)
             v /= np.linalg.norm(v)
-            plaque = grid.ellipsoid(p + 0.8 * aorta_r[k] * v, (7.0, 7.0, 10.0)) & aorta
-            img[plaque] = rng.uniform(500, 900)
+            plaque = grid.ellipsoid(p + 0.8 * aorta_r[k] * v, (9.0, 9.0, 12.0)) & aorta
+            img[plaque] = rng.uniform(600, 1000)
             n += int(plaque.any())
         if n:
             truth["aorta"].append("Arterial wall calcification")
@@ -393,11 +395,11 @@ def generate_case(rng: np.random.Generator) -> dict:
         details["Hepatic steatosis"] = {"hu": round(hu)}
     if "Liver lesion" in wanted["liver"]:
         placed = []
-        for _ in range(int(rng.integers(1, 3))):
-            c, r = _pick_center(rng, grid, liver, float(rng.uniform(16, 22)), 12,
+        for _ in range(int(rng.integers(2, 4))):
+            c, r = _pick_center(rng, grid, liver, float(rng.uniform(22, 30)), 15,
                                 avoid=[(p, q + 5) for p, q in placed])
             if c is not None:
-                img[grid.ellipsoid(c, (r, r, r)) & liver] = -5.0
+                img[grid.ellipsoid(c, (r, r, r)) & liver] = -10.0
                 placed.append((c, r))
         if placed:
             truth["liver"].append("Liver lesion")
@@ -408,11 +410,16 @@ def generate_case(rng: np.random.Generator) -> dict:
         truth["spleen"].append("Splenomegaly")
 
     if "Renal cyst" in wanted["kidney"]:
-        label = int(rng.choice([_KIDNEY_R, _KIDNEY_L]))
-        kidney = seg == label
-        c, r = _pick_center(rng, grid, kidney, float(rng.uniform(14, 19)), 10)
-        if c is not None:
-            img[grid.ellipsoid(c, (r, r, r)) & kidney] = 5.0
+        # One or two cysts; the report names the side of the largest.
+        cysts = []
+        for label in rng.permutation([_KIDNEY_R, _KIDNEY_L])[: int(rng.integers(1, 3))]:
+            kidney = seg == label
+            c, r = _pick_center(rng, grid, kidney, float(rng.uniform(17, 22)), 12)
+            if c is not None:
+                img[grid.ellipsoid(c, (r, r, r)) & kidney] = 5.0
+                cysts.append((r, int(label)))
+        if cysts:
+            r, label = max(cysts)
             truth["kidney"].append("Renal cyst")
             details["Renal cyst"] = {"side": "right" if label == _KIDNEY_R else "left", "mm": round(2 * r)}
 
@@ -545,7 +552,7 @@ def _disease_sentence(rng, disease, det) -> tuple[str, str]:
                           f"{det['segment']}.")])
         else:
             text = pick([f"There are {det['n']} hypodense liver lesions, the largest {det['cm']} cm.",
-                         f"Two hypoattenuating hepatic lesions, up to {det['cm']} cm, possibly cysts."])
+                         f"Multiple hypoattenuating hepatic lesions, up to {det['cm']} cm, possibly cysts."])
         return text, "Hypodense liver lesion."
     if disease == "Hepatic steatosis":
         text = pick(["Diffusely decreased attenuation of the liver, consistent with hepatic steatosis.",
