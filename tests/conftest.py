@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real CTs live in ../shared/data beside the checkout; FVLM_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 # A tiny demo configuration: seconds per stage on a 2-core CPU.
 TINY = [

@@ -48,6 +48,16 @@ def test_train_eval_export_and_resume(prepared_demo):
     assert set(enc["embeddings"]) == set(pred.anatomies) and all(enc["present"].values())
     np.testing.assert_allclose(np.linalg.norm(enc["embeddings"]["lung"]), 1.0, rtol=1e-4)
 
+    # The exported model on the raw files gives the embeddings evaluation computed from the records.
+    from fvlm_jax import evaluate
+    from input_pipeline import tfdata
+
+    batches = tfdata.eval_batches(str(workdir / "records"), "test", batch_size=4, size_zyx=(32, 48, 64))
+    from_records = evaluate.encode_images(pred.model, batches)
+    row = from_records["ids"].index(scan.name.removesuffix(".nii.gz"))
+    for i, anatomy in enumerate(pred.anatomies):
+        np.testing.assert_allclose(enc["embeddings"][anatomy], from_records["emb"][row, i], atol=1e-4)
+
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match="must be divisible by model.vision.patch_zyx"):

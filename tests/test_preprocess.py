@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import random
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SHARED_DATA as DATA  # noqa: E402
 
 from input_pipeline import preprocess as pp
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLE = DATA / "totalseg_example"
 CLASSES_JSON = DATA / "totalsegmentator_classes.json"
 
