@@ -166,9 +166,3 @@ def list_split(root: str, split: str, seg_root: str | None = None, use_metadata:
                for r in rejects]
     return scans, columns, rejects
 
-
-def list_scans(root: str, split: str, seg_root: str | None = None) -> tuple[list[Scan], list[str]]:
-    """Scans of one split and the label table's column names (rows that cannot be read are left out; use
-    :func:`list_split` to get them as rejects)."""
-    scans, columns, _ = list_split(root, split, seg_root)
-    return scans, columns
