@@ -108,8 +108,8 @@ class Trainer:
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux,
-                       "temperature": nnx.merge(graphdef, params).temp()}
+            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                       **aux, "temperature": nnx.merge(graphdef, params).temp()}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
         self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -190,12 +190,17 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
             metrics = jax.device_get(trainer.train_step(batch))
             seen += cfg.train.batch_size
             loss = float(metrics["loss"])
-            if not np.isfinite(loss):
+            # The updated parameters are checked too: a finite loss can still be followed by an overflowing update,
+            # and that state must never become the "last good" checkpoint.
+            if not np.isfinite([loss, metrics["grad_norm"], metrics["param_norm"]]).all():
                 mngr.wait_until_finished()
-                raise FloatingPointError(f"{method}: non-finite loss at step {step + 1}; last good checkpoint "
-                                         f"is step {mngr.latest_step()}")
+                last = mngr.latest_step()
+                raise FloatingPointError(
+                    f"{method}: non-finite loss, gradients or parameters at step {step + 1}; "
+                    + (f"last good checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"))
             row = {"step": step + 1, "loss": loss, "learning_rate": float(trainer.schedule(step)),
-                   "grad_norm": float(metrics["grad_norm"]), "temperature": float(metrics["temperature"])}
+                   "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
+                   "temperature": float(metrics["temperature"])}
             row.update({f"loss/{a}": float(v) for a, v in zip(anatomies, metrics["per_anatomy"])})
             if jax.process_index() == 0:
                 metrics_file.write(json.dumps(row) + "\n")

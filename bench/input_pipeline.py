@@ -1,0 +1,200 @@
+"""tf.data training input throughput at the paper's resolution (112 x 256 x 352), ours vs a naive int16 pipeline.
+
+Run: python bench/input_pipeline.py [--k 16] [--volumes 100]
+
+Writes K prepared examples (uint8 image + labels, smooth body with anatomy boxes and a little noise so zlib sees a
+realistic ratio) through `records.ShardedWriter` / `records.write_metadata`, then iterates
+`input_pipeline.tfdata.train_batches` (batch 2, crop 112 x 256 x 352, flip 0.2) unchanged except that tf.data is
+pinned to one private thread (applied by a wrapper around `as_numpy_iterator`). The naive baseline stores raw int16
+HU volumes uncompressed in tf.train.Example bytes, parses them, windows to float32 on the host and crops/flips with
+the same `tfdata.random_crop_flip`. Each pipeline runs in its own worker process (own peak RSS). Volumes per
+CPU-second (process user + sys) is the per-core figure. A benchmark that prints figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SIZE_ZYX = (112, 256, 352)
+BATCH = 2
+HU_WINDOW = (-1150.0, 350.0)
+
+
+def make_volume(rng, shape):
+    """(HU int16, uint8 windowed image, uint8 anatomy labels 0..4) of a smooth synthetic body."""
+    nz, ny, nx = shape
+    z, y, x = np.ogrid[:nz, :ny, :nx]
+    hu = np.full(shape, -1000, np.int16)
+    body = ((y - ny / 2) / (0.40 * ny)) ** 2 + ((x - nx / 2) / (0.45 * nx)) ** 2 <= 1
+    hu[np.broadcast_to(body, shape)] = 40
+    labels = np.zeros(shape, np.uint8)
+    jitter = rng.integers(-8, 9, 3)
+    boxes = [(1, (0.45, 0.95), (0.25, 0.70), (0.15, 0.45), -850), (1, (0.45, 0.95), (0.25, 0.70), (0.55, 0.85), -850),
+             (2, (0.45, 0.75), (0.35, 0.60), (0.45, 0.65), 45), (3, (0.10, 0.45), (0.30, 0.65), (0.15, 0.50), 60),
+             (4, (0.00, 0.25), (0.55, 0.75), (0.25, 0.75), 30)]
+    for a, bz, by, bx, v in boxes:
+        sl = tuple(slice(max(int(lo * n) + j, 0), min(int(hi * n) + j, n))
+                   for (lo, hi), n, j in zip((bz, by, bx), shape, jitter))
+        hu[sl] = v
+        labels[sl] = a
+    hu += rng.normal(0, 15, shape).astype(np.int16)
+    lo, hi = HU_WINDOW
+    image = np.rint(np.clip((hu - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    return hu, image, labels
+
+
+def write_ours(folder, k, rng):
+    from input_pipeline import records
+    spec = records.features(4, 18, 128, 512, 16)
+    w = records.ShardedWriter(folder, "train", 4, spec)
+    for i in range(k):
+        _, image, labels = make_volume(rng, SIZE_ZYX)
+        w.write({"id": f"synthetic_{i}", "image": image, "labels": labels,
+                 "text_tokens": rng.integers(0, 1000, (4, 128), dtype=np.int32), "has_text": np.ones(4, bool),
+                 "normal": rng.random(4) < 0.5, "disease": rng.random((4, 18)) < 0.1,
+                 "text_id": np.arange(4, dtype=np.int32), "report_tokens": rng.integers(0, 1000, 512, dtype=np.int32),
+                 "targets": rng.integers(0, 2, 16, dtype=np.int32)})
+    records.write_metadata(folder, spec, [w.close()], "input pipeline benchmark")
+    return sum(os.path.getsize(p) for p in w.paths)
+
+
+def write_naive(folder, k, rng):
+    import tensorflow as tf
+    path = os.path.join(folder, "naive.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        for _ in range(k):
+            hu, _, labels = make_volume(rng, SIZE_ZYX)
+            feat = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[hu.tobytes()])),
+                    "labels": tf.train.Feature(bytes_list=tf.train.BytesList(value=[labels.tobytes()])),
+                    "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(SIZE_ZYX)))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
+    return os.path.getsize(path)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Apply tf.data threading options (private pool of 1) to the dataset `train_batches` builds, unmodified."""
+    import tensorflow as tf
+    original = tf.data.Dataset.as_numpy_iterator
+
+    def patched(self):
+        opts = tf.data.Options()
+        opts.threading.private_threadpool_size = 1
+        opts.threading.max_intra_op_parallelism = 1
+        return original(self.with_options(opts))
+
+    tf.data.Dataset.as_numpy_iterator = patched
+    try:
+        yield
+    finally:
+        tf.data.Dataset.as_numpy_iterator = original
+
+
+def naive_batches(path, seed):
+    import tensorflow as tf
+
+    from input_pipeline import tfdata
+    desc = {"image": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.FixedLenFeature([], tf.string),
+            "shape": tf.io.FixedLenFeature([3], tf.int64)}
+    lo, hi = HU_WINDOW
+
+    def decode(i, serialized):
+        ex = tf.io.parse_single_example(serialized, desc)
+        image = tf.reshape(tf.io.decode_raw(ex["image"], tf.int16), ex["shape"])
+        labels = tf.reshape(tf.io.decode_raw(ex["labels"], tf.uint8), ex["shape"])
+        image, labels = tfdata.random_crop_flip(image, tf.cast(labels, tf.int16), list(SIZE_ZYX), 0.2,
+                                                tf.stack([tf.constant(seed, tf.int64), i]))
+        image = tf.clip_by_value((tf.cast(image, tf.float32) - lo) / (hi - lo), 0.0, 1.0)
+        return {"image": image, "labels": tf.cast(labels, tf.uint8)}
+
+    ds = tf.data.TFRecordDataset([path]).shuffle(512, seed=seed).repeat().enumerate()
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(BATCH, drop_remainder=True).prefetch(2).as_numpy_iterator()
+
+
+def worker(method, folder, volumes, warmup):
+    import tensorflow as tf  # noqa: F401  (import outside the timed region)
+
+    from input_pipeline import tfdata
+    with one_thread():
+        if method == "ours":
+            it = tfdata.train_batches(folder, "train", batch_size=BATCH, size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0)
+        else:
+            it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
+        for _ in range(warmup):
+            batch = next(it)
+        t0, c0 = time.perf_counter(), os.times()
+        n = 0
+        while n < volumes:
+            batch = next(it)
+            n += batch["image"].shape[0]
+        t1, c1 = time.perf_counter(), os.times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system)
+    print(json.dumps({"n": n, "wall": t1 - t0, "cpu": cpu, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "shape": list(batch["image"].shape), "dtype": str(batch["image"].dtype)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=16, help="prepared examples written")
+    ap.add_argument("--volumes", type=int, default=100, help="volumes timed after warm-up")
+    ap.add_argument("--warmup", type=int, default=4, help="batches before timing")
+    ap.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.dir, args.volumes, args.warmup)
+        return
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="fvlm_input_bench_") as tmp:
+        t0 = time.perf_counter()
+        size = {"ours": write_ours(tmp, args.k, rng), "naive": write_naive(tmp, args.k, rng)}
+        print(f"wrote {args.k} examples of {SIZE_ZYX} per pipeline in {time.perf_counter() - t0:.1f} s "
+              f"({len(glob.glob(os.path.join(tmp, '*tfrecord*')))} record files); cores available "
+              f"{len(os.sched_getaffinity(0))}; tf.data private thread pool 1, batch {BATCH}, flip 0.2, "
+              f"{args.volumes} volumes timed after {args.warmup} warm-up batches")
+        res = {}
+        for method in ("ours", "naive"):
+            out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", tmp,
+                                  "--volumes", str(args.volumes), "--warmup", str(args.warmup)],
+                                 check=True, capture_output=True, text=True)
+            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    raw = int(np.prod(SIZE_ZYX))
+    print()
+    print(f"{'pipeline':<34}{'vol/s':>8}{'vol/CPU-s':>11}{'cores used':>11}{'MiB/volume':>12}{'peak RSS MiB':>14}"
+          "  batch")
+    names = {"ours": "ours (uint8 zlib, tfdata)", "naive": "naive (raw int16, float32 out)"}
+    for m, r in res.items():
+        print(f"{names[m]:<34}{r['n'] / r['wall']:>8.1f}{r['n'] / r['cpu']:>11.1f}{r['cpu'] / r['wall']:>11.2f}"
+              f"{size[m] / args.k / 2**20:>12.2f}{r['rss_kb'] / 1024:>14.0f}  {r['shape']} {r['dtype']}")
+    per_cpu = {m: r["n"] / r["cpu"] for m, r in res.items()}
+    print(f"record bytes per volume: ours {size['ours'] / args.k / 2**20:.2f} MiB (zlib ratio "
+          f"{2 * raw / (size['ours'] / args.k):.1f}x over uint8 image + labels), naive "
+          f"{size['naive'] / args.k / 2**20:.2f} MiB")
+    print(f"ratio ours / naive: {per_cpu['ours'] / per_cpu['naive']:.2f}x per CPU-second, "
+          f"{(res['ours']['n'] / res['ours']['wall']) / (res['naive']['n'] / res['naive']['wall']):.2f}x wall; "
+          f"target >= 50 volumes per CPU-second: {'met' if per_cpu['ours'] >= 50 else 'NOT met'} "
+          f"({per_cpu['ours']:.1f})")
+    me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"peak RSS: this process (writer) {me:.0f} MiB, largest child (pipeline worker) {ch:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Training loop behaviour without TensorFlow: schedule, non-finite stop with the last good checkpoint kept."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from configs import demo
+from fvlm_jax import synthetic, train
+
+
+def tiny_config():
+    cfg = demo.get_config()
+    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    cfg.train.batch_size = 4
+    cfg.train.steps = 6
+    cfg.train.warmup_steps = 2
+    cfg.train.checkpoint_every = 2
+    cfg.train.log_every = 1
+    return cfg
+
+
+def synthetic_batches(cfg):
+    return lambda start: (synthetic.random_batch(cfg, cfg.train.batch_size, seed=i) for i in itertools.count(start))
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = tiny_config()
+    cfg.train.steps, cfg.train.warmup_steps = 100, 10
+    lr = train.learning_rate_schedule(cfg)
+    assert float(lr(0)) == pytest.approx(cfg.train.init_learning_rate, rel=1e-5)
+    assert float(lr(10)) == pytest.approx(cfg.train.learning_rate, rel=1e-5)
+    assert float(lr(100)) == pytest.approx(cfg.train.end_learning_rate, rel=1e-5)
+    assert float(lr(5)) < float(lr(10)) and float(lr(50)) < float(lr(10))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_config()
+    cfg.train.learning_rate = cfg.train.init_learning_rate = 1e30  # the first update makes the parameters inf
+    cfg.train.grad_clip_norm = 0.0
+    with pytest.raises(FloatingPointError, match=r"non-finite loss, gradients or parameters at step \d+") as err:
+        train.train(cfg, "fvlm", str(tmp_path), synthetic_batches(cfg), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite([r["loss"], r["grad_norm"], r["param_norm"]]).all() for r in rows)
+    assert f"at step {len(rows) + 1};" in str(err.value)  # the first bad step, never logged
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s <= len(rows) for s in saved)  # no checkpoint of a non-finite state
