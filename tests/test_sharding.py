@@ -1,4 +1,5 @@
-"""The global-batch train step gives the same losses on 1 device and on a data mesh of 8 fake CPU devices."""
+"""The global-batch train step gives the same losses on 1 device and on a data mesh of 8 fake CPU devices; a
+checkpoint saved on 8 devices restores on 4."""
 
 import os
 import subprocess
@@ -28,6 +29,22 @@ SCRIPT = textwrap.dedent("""
                 losses.append(float(m["loss"]))
             out[f"{method}{n}"] = losses
             assert len(trainer.state["params"]["pool"]["q"]["kernel"].sharding.device_set) == n
+    # A checkpoint written on the 8-device mesh restores on a 4-device mesh.
+    import sys, tempfile
+    import numpy as np
+    cfg.mesh.data = 8
+    eight = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    eight.train_step(synthetic.random_batch(cfg, 8, seed=0))
+    ckpt_dir = tempfile.mkdtemp()
+    mngr = eight.checkpoint_manager(ckpt_dir)
+    eight.save(mngr)
+    mngr.wait_until_finished()
+    cfg.mesh.data = 4
+    four = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    assert four.restore(four.checkpoint_manager(ckpt_dir)) and four.step == 1
+    for a, b in zip(jax.tree.leaves(eight.state), jax.tree.leaves(four.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(four.state["params"]["pool"]["q"]["kernel"].sharding.device_set) == 4
     print("LOSSES", out)
 """)
 
