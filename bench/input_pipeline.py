@@ -154,17 +154,25 @@ def main():
     ap.add_argument("--k", type=int, default=16, help="prepared examples written")
     ap.add_argument("--volumes", type=int, default=100, help="volumes timed after warm-up")
     ap.add_argument("--warmup", type=int, default=4, help="batches before timing")
-    ap.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "naive", "write"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "write":
+        rng = np.random.default_rng(0)
+        size = {"ours": write_ours(args.dir, args.k, rng), "naive": write_naive(args.dir, args.k, rng)}
+        print(json.dumps({**size, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
     if args.worker:
         worker(args.worker, args.dir, args.volumes, args.warmup)
         return
 
-    rng = np.random.default_rng(0)
+    # Everything heavy runs in child processes started from this small parent, so that each child's ru_maxrss is
+    # its own (a forked child inherits the parent's resident pages in its high-water mark).
     with tempfile.TemporaryDirectory(prefix="fvlm_input_bench_") as tmp:
         t0 = time.perf_counter()
-        size = {"ours": write_ours(tmp, args.k, rng), "naive": write_naive(tmp, args.k, rng)}
+        out = subprocess.run([sys.executable, __file__, "--worker", "write", "--dir", tmp, "--k", str(args.k)],
+                             check=True, capture_output=True, text=True)
+        size = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"wrote {args.k} examples of {SIZE_ZYX} per pipeline in {time.perf_counter() - t0:.1f} s "
               f"({len(glob.glob(os.path.join(tmp, '*tfrecord*')))} record files); cores available "
               f"{len(os.sched_getaffinity(0))}; tf.data private thread pool 1, batch {BATCH}, flip 0.2, "
@@ -193,7 +201,8 @@ def main():
           f"target >= 50 volumes per CPU-second: {'met' if per_cpu['ours'] >= 50 else 'NOT met'} "
           f"({per_cpu['ours']:.1f})")
     me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(f"peak RSS: this process (writer) {me:.0f} MiB, largest child (pipeline worker) {ch:.0f} MiB")
+    print(f"peak RSS: this process {me:.0f} MiB; children: writer {size['rss_kb'] / 1024:.0f} MiB, largest child "
+          f"{ch:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Two processes on localhost (CPU, gloo collectives) each feed half of the global batch and get the losses of
+the single-process run."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    n_proc, proc_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if n_proc > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
+    from configs import demo
+    from fvlm_jax import synthetic, train
+
+    cfg = demo.get_config()
+    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    cfg.train.batch_size = 8
+    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    local = cfg.train.batch_size // jax.process_count()
+    losses = []
+    for step in range(3):
+        batch = synthetic.random_batch(cfg, cfg.train.batch_size, seed=step)
+        mine = {k: v[proc_id * local:(proc_id + 1) * local] for k, v in batch.items()}  # this host's slice
+        losses.append(float(trainer.train_step(mine)["loss"]))
+    print("LOSSES", losses)
+""")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _losses(stdout):
+    return eval(stdout.split("LOSSES", 1)[1])  # noqa: S307 - our own printed list
+
+
+def test_two_processes_match_one():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    single = subprocess.run([sys.executable, "-c", SCRIPT, "1", "0", "0"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, "2", str(i), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    want = _losses(single.stdout)
+    for out, _ in outs:
+        np.testing.assert_allclose(_losses(out), want, rtol=2e-5, atol=2e-5)
