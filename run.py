@@ -14,6 +14,12 @@ from fvlm_jax import config_checks, stages
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where records, checkpoints, results and exports go.")
 _MODE = flags.DEFINE_enum("mode", "all", config_checks.MODES, "Stage to run; 'all' runs them in order.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: one process per host on a TPU pod slice or a "
+    "multi-node GPU job. TPU, SLURM and Open MPI are detected; otherwise give the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (else JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,12 @@ def main(argv):
     logging.getLogger("absl").addFilter(lambda r: "FeatureConnector.dtype" not in r.getMessage())  # tfds-internal
     for name in ("fvlm_jax", "input_pipeline", "__main__"):
         logging.getLogger(name).setLevel(logging.INFO)
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
     cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
     config_checks.validate(cfg)
     steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
