@@ -44,6 +44,10 @@ def load_manifest(workdir: str) -> dict:
 def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     from input_pipeline import demo_data, prepare
 
+    if jax.process_count() > 1:
+        raise RuntimeError("prepare runs on one machine (its worker pool uses all its cores): run --mode=prepare "
+                           "without --distributed, then --mode=train/eval/export with it")
+
     raw = cfg.data.root
     if cfg.data.source == "demo":
         raw = os.path.join(workdir, "raw")
