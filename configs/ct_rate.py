@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size=8000, max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
 
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
     c.train.batch_size = 56
     c.train.steps = 7540  # 20 epochs of 377 steps
     c.train.learning_rate = 1e-4
@@ -76,4 +79,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.vision.update(patch_zyx=(8, 16, 16), width=64, depth=2, heads=4, mlp_dim=128, feature_blocks=(1,))
         c.model.text.update(width=64, depth=2, heads=4, mlp_dim=128)
         c.train.batch_size, c.train.steps = 4, 10
+        c.model.dtype, c.model.remat = "float32", False
     return c

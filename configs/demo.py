@@ -81,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size=c.prep.get_ref("vocab_size"), max_len=256, width=64, depth=2, heads=4, mlp_dim=256))
     c.model.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.001, max=0.5))
+    c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+    c.model.remat = False  # recompute transformer blocks in the backward pass (saves activation memory)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.normal_pairs = True  # normal false-negative correction

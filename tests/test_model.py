@@ -116,3 +116,27 @@ def test_fvlm_shapes_and_normalisation(global_pool):
     txt = model.encode_text(jnp.ones((2, 3, 16), jnp.int32))
     assert txt.shape == (2, 3, cfg.model.embed_dim)
     assert 0.001 <= float(model.temp()) <= 0.5
+
+
+def test_bfloat16_compute_and_remat():
+    cfg = demo.get_config()
+    a = len(cfg.prep.anatomies)
+    from fvlm_jax import synthetic, train
+
+    batch = synthetic.random_batch(cfg, 4)
+    results = {}
+    for dtype, remat in (("float32", False), ("float32", True), ("bfloat16", False)):
+        cfg.model.dtype, cfg.model.remat = dtype, remat
+        model = FVLM(cfg.model, a, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+        loss_fn = jax.jit(jax.value_and_grad(
+            lambda p, g=graphdef: train.batch_loss(nnx.merge(g, p), batch, "fvlm", cfg.loss)[0]))
+        results[(dtype, remat)] = loss_fn(params)
+        assert ("remat" in str(jax.make_jaxpr(loss_fn)(params))) == remat
+    (l32, g32), (lre, gre), (l16, g16) = results.values()
+    assert float(lre) == pytest.approx(float(l32), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(g32), jax.tree.leaves(gre)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
+    assert float(l16) == pytest.approx(float(l32), rel=2e-2)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))

@@ -26,13 +26,13 @@ class AnatomyPool(nnx.Module):
     Queries start at zero and the query projection has zero bias, so pooling starts as a mean over the tokens.
     """
 
-    def __init__(self, num_queries: int, width: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, num_queries: int, width: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.heads = heads
         self.queries = nnx.Param(jnp.zeros((num_queries, width)))
-        self.ln = nnx.LayerNorm(width, rngs=rngs)
-        self.q = nnx.Linear(width, width, rngs=rngs)
-        self.kv = nnx.Linear(width, 2 * width, rngs=rngs)
-        self.out = nnx.Linear(width, width, rngs=rngs)
+        self.ln = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.q = nnx.Linear(width, width, rngs=rngs, dtype=dtype)
+        self.kv = nnx.Linear(width, 2 * width, rngs=rngs, dtype=dtype)
+        self.out = nnx.Linear(width, width, rngs=rngs, dtype=dtype)
 
     def __call__(self, levels, member):
         """levels: [L, B, N, D] tokens; member: [B, A, N] bool. Returns [B, A, D].
@@ -57,17 +57,21 @@ class FVLM(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, num_anatomies: int, *, global_pool: bool = False,
                  rngs: nnx.Rngs):
         v, t = cfg.vision, cfg.text
+        # Parameters stay float32; `dtype` is the compute dtype (bfloat16 on accelerators). Embeddings, similarities
+        # and the loss are float32.
+        dtype = jnp.dtype(cfg.get("dtype", "float32"))
+        remat = bool(cfg.get("remat", False))
         self.global_pool = global_pool
         self.num_anatomies = num_anatomies
         self.patch_zyx = tuple(v.patch_zyx)
         self.vision = ViT3D(input_zyx=cfg.input_zyx, patch_zyx=v.patch_zyx, width=v.width, depth=v.depth,
                             heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks,
-                            stem_channels=v.get("stem_channels", ()), rngs=rngs)
+                            stem_channels=v.get("stem_channels", ()), rngs=rngs, dtype=dtype, remat=remat)
         nq = 1 if global_pool else num_anatomies
-        self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs)
+        self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs, dtype=dtype)
         self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)))
         self.text = TextEncoder(vocab_size=t.vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
-                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs)
+                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs, dtype=dtype, remat=remat)
         self.txt_proj = nnx.Linear(t.width, cfg.embed_dim, rngs=rngs)
         self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32))
         self.temp_range = (cfg.temperature.min, cfg.temperature.max)
@@ -87,9 +91,9 @@ class FVLM(nnx.Module):
         else:
             member = anatomy.token_membership(labels, self.num_anatomies, self.patch_zyx)
         pooled = self.pool(levels, member)
-        emb = jnp.einsum("bad,ade->bae", pooled, self.img_proj[...])
+        emb = jnp.einsum("bad,ade->bae", pooled.astype(jnp.float32), self.img_proj[...])
         return l2_normalize(emb), present, intact
 
     def encode_text(self, tokens):
         """tokens: [..., T] ids with [CLS] first. Returns [..., E] L2-normalised."""
-        return l2_normalize(self.txt_proj(self.text(tokens)))
+        return l2_normalize(self.txt_proj(self.text(tokens).astype(jnp.float32)))

@@ -30,3 +30,8 @@ class Block(nnx.Module):
         y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
         x = x + self.out(y.reshape(b, n, d))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+
+def apply_block(block, x, *args):
+    """block(x, *args) as a function of the module, so that nnx.remat can wrap it (rematerialisation)."""
+    return block(x, *args)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fvlm_jax.models.transformer import Block
+from fvlm_jax.models.transformer import Block, apply_block
 
 
 def patchify_channels(x, stride_zyx):
@@ -63,7 +63,7 @@ class ViT3D(nnx.Module):
 
     def __init__(self, *, input_zyx: Sequence[int], patch_zyx: Sequence[int], width: int, depth: int, heads: int,
                  mlp_dim: int, feature_blocks: Sequence[int], rngs: nnx.Rngs, stem_channels: Sequence[int] = (),
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, remat: bool = False):
         if any(not 1 <= i <= depth for i in feature_blocks):
             raise ValueError(f"feature_blocks {tuple(feature_blocks)} must lie in [1, depth={depth}]")
         self.patch_zyx = tuple(patch_zyx)
@@ -75,13 +75,16 @@ class ViT3D(nnx.Module):
         self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
         self.final_ln = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
         self.feature_blocks = tuple(feature_blocks)
+        self.remat = remat
 
     def __call__(self, volume):
         """volume: [B, Z, Y, X] float in [0, 1]. Returns [L, B, N, D] multi-level token features."""
-        x = self.stem(volume) + self.pos[...]
+        x = self.stem(volume)
+        x = x + self.pos[...].astype(x.dtype)
+        run = nnx.remat(apply_block) if self.remat else apply_block
         levels = []
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x)
+            x = run(block, x)
             if i in self.feature_blocks:
                 levels.append(x)
         levels.append(self.final_ln(x))
