@@ -1,0 +1,95 @@
+"""Train-step benchmark on synthetic in-memory batches: step time, volumes/s, model FLOP/s and MFU.
+
+No TensorFlow needed, so it runs unchanged on an accelerator host:
+  python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4
+  python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat   # ViT-B on 112x256x352
+MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak).
+The peak comes from --peak_tflops or, for known accelerators, from the device kind (H100/H200 bf16 dense: 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import numpy as np
+
+from configs import ct_rate, demo
+from fvlm_jax import flops, synthetic, train
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
+
+
+def preset_config(name: str):
+    if name == "demo":
+        return demo.get_config()
+    cfg = ct_rate.get_config()
+    if name == "small":  # the issue's CPU comparison size
+        cfg.model.input_zyx = (32, 64, 64)
+        cfg.model.vision.update(patch_zyx=(8, 8, 8), width=256, depth=4, heads=4, mlp_dim=1024, feature_blocks=(2,))
+        cfg.model.text.update(width=256, depth=4, heads=4, mlp_dim=1024, vocab_size=8000, max_len=512)
+        cfg.prep.text_len = 32
+        cfg.model.dtype, cfg.model.remat = "float32", False
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=("small", "demo", "paper"), default="small")
+    ap.add_argument("--method", choices=train.METHODS, default="fvlm")
+    ap.add_argument("--batch", type=int, default=4, help="global batch")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
+    ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--text_len", type=int, default=None, help="tokens per anatomy text (default: the preset's)")
+    ap.add_argument("--peak_tflops", type=float, default=None)
+    args = ap.parse_args()
+
+    cfg = preset_config(args.preset)
+    if args.dtype:
+        cfg.model.dtype = args.dtype
+    if args.remat is not None:
+        cfg.model.remat = args.remat
+    if args.text_len:
+        cfg.prep.text_len = args.text_len
+    cfg.train.batch_size = args.batch
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+    trainer = train.Trainer(cfg, args.method, train.make_mesh(cfg))
+    batches = [synthetic.random_batch(cfg, args.batch, seed=i) for i in range(2)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(trainer.train_step(batches[0]))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(trainer.train_step(batches[1]))
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        metrics = trainer.train_step(batches[i % 2])
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / args.steps
+
+    f = flops.train_step_flops(cfg, args.batch, args.method)
+    achieved = f["total"] / step_s / 1e12
+    stats = dev.memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use")
+    print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
+          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat}, "
+          f"input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, text_len "
+          f"{cfg.prep.text_len}")
+    print(f"compile + first step: {compile_s:.1f} s")
+    print(f"step time: {step_s * 1e3:.1f} ms   volumes/s: {args.batch / step_s:.1f}")
+    print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
+          f"{f['text'] / f['total']:.0%})   achieved: {achieved:.2f} TFLOP/s")
+    print(f"MFU: {achieved / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "MFU: no peak known for this device "
+          "(pass --peak_tflops)")
+    if mem is not None:
+        print(f"peak device memory: {mem / 2**30:.2f} GiB")
+    print(f"peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    assert np.isfinite(float(metrics["loss"]))
+
+
+if __name__ == "__main__":
+    main()
