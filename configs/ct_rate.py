@@ -55,13 +55,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         patch_zyx=(16, 16, 32), width=768, depth=12, heads=12, mlp_dim=3072, feature_blocks=(4, 7, 10),
         stem_channels=()))
     c.model.text = ml_collections.ConfigDict(dict(
-        vocab_size=8000, max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
+        vocab_size=c.prep.get_ref("vocab_size"), max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
 
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
     c.train.batch_size = 56
-    c.train.steps = 7540  # 20 epochs of 377 steps
+    # The reference's 20 epochs x 377 steps. Its epoch is one random reconstruction per scan (about 21k); here every
+    # reconstruction is a sample, so this budget is about 9 passes over CT-RATE's ~47k training volumes.
+    c.train.steps = 7540
     c.train.learning_rate = 1e-4
     c.train.init_learning_rate = 1e-6
     c.train.end_learning_rate = 1e-6
@@ -74,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.tasks = TASKS
     c.eval.batch_size = 16
     if arg == "runlocal":  # the same code path at a size that runs on a laptop
+        # A coarse grid so the whole chest fits the small crop and anatomies stay intact (else nothing trains).
+        c.prep.spacing_xyz = (6.0, 6.0, 12.0)
+        c.prep.margin_zyx = (1, 2, 2)
         c.model.input_zyx = (32, 64, 64)
         c.prep.min_size_zyx = (32, 64, 64)
         c.model.vision.update(patch_zyx=(8, 16, 16), width=64, depth=2, heads=4, mlp_dim=128, feature_blocks=(1,))

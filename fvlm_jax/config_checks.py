@@ -33,6 +33,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"train.methods: unknown {bad}; choose from {METHODS}")
     if cfg.train.steps < 1 or cfg.train.batch_size < 2:
         errors.append("train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch)")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if cfg.train[name] < 1:
+            errors.append(f"train.{name} must be >= 1")
+    if cfg.data.num_shards < 1 or cfg.eval.batch_size < 1 or cfg.data.workers < 1:
+        errors.append("data.num_shards, data.workers and eval.batch_size must be >= 1")
+    if cfg.prep.vocab_size > m.text.vocab_size:
+        errors.append(f"prep.vocab_size={cfg.prep.vocab_size} exceeds model.text.vocab_size={m.text.vocab_size}")
     if cfg.train.warmup_steps < 0 or cfg.train.learning_rate <= 0:
         errors.append("train.warmup_steps must be >= 0 and train.learning_rate > 0")
     if not 0 <= cfg.train.flip_prob <= 1:

@@ -19,13 +19,13 @@ import shutil
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from fvlm_jax.evaluate import task_scores
+from fvlm_jax.evaluate import image_encoder, task_scores
 from fvlm_jax.models.fvlm import FVLM
 from input_pipeline import preprocess
 from input_pipeline.tokenizer import Tokenizer
@@ -40,12 +40,17 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
            out_dir: str) -> str:
     """Writes the export folder for `model` (trained with `method`) and returns its path."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
+    writer = jax.process_index() == 0  # the small files come from one process; Orbax saves from all
+    if writer:
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.makedirs(out_dir)
+    multihost_utils.sync_global_devices("export: folder ready")
     params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, "params"), params)
+    if not writer:
+        return out_dir
     p = cfg.prep
     anatomies = {a: list(classes) for a, classes in p.anatomies.items()}
     needed = {c for classes in anatomies.values() for c in classes}
@@ -87,13 +92,7 @@ class Predictor:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(folder, "params"), abstract_params)
         self.model = nnx.merge(graphdef, params, rest)
-        graphdef, state = nnx.split(self.model)
-
-        @jax.jit
-        def enc(state, image, labels):
-            return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
-
-        self._encode = lambda image, labels: enc(state, image, labels)
+        self._encode = image_encoder(self.model)
 
     def preprocess(self, image: str, segmentation: str) -> dict:
         """The training preprocessing, then the model's fixed input size (centre crop / pad)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -41,6 +42,14 @@ def load_manifest(workdir: str) -> dict:
         return json.load(f)
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     from input_pipeline import demo_data, prepare
 
@@ -52,11 +61,15 @@ def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.data.source == "demo":
         raw = os.path.join(workdir, "raw")
         done = os.path.join(raw, "DONE")
-        if not os.path.exists(done):
+        params = {"num_train": cfg.data.num_train, "num_valid": cfg.data.num_valid, "num_test": cfg.data.num_test,
+                  "seed": cfg.seed}
+        if _read_json(done) != params:  # missing, or generated with other counts or seed
+            if os.path.exists(raw):
+                shutil.rmtree(raw)
             log.info("generating the demo data set in %s", raw)
-            demo_data.generate_demo_dataset(raw, num_train=cfg.data.num_train, num_valid=cfg.data.num_valid,
-                                            num_test=cfg.data.num_test, seed=cfg.seed)
-            open(done, "w").close()
+            demo_data.generate_demo_dataset(raw, **params)
+            with open(done, "w") as f:
+                json.dump(params, f)
     manifest = prepare.prepare(cfg, raw, records_dir(workdir))
     log.info("prepared %s (%d rejected)", manifest["splits"], manifest["rejected"])
     return manifest
@@ -108,14 +121,14 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     cols = [columns.index(t[1]) for t in tasks]
     prompts = tok.encode([p for t in tasks for p in (t[2], t[3])], cfg.prep.text_len).reshape(len(tasks), 2, -1)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    summary = {}
+    summary, results = {}, {}
     for method in cfg.train.methods:
         model = train.restore_params(cfg, method, train_dir(workdir, method))
         index = [0 if method == "clip" else anatomies.index(t[0]) for t in tasks]
         prompt_emb = evaluate.prompt_embeddings(model, prompts)
         temp = float(model.temp())
         per_split = {}
-        for split in (cfg.data.threshold_split, cfg.data.eval_split):
+        for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
             enc = evaluate.encode_images(model, tfdata.eval_batches(
                 rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx))
             per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
@@ -123,15 +136,18 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         thr_scores, thr_targets = per_split[cfg.data.threshold_split]
         result = evaluate.zero_shot_report(scores, targets, names, thr_scores, thr_targets)
         result["split"], result["threshold_split"] = cfg.data.eval_split, cfg.data.threshold_split
-        with open(os.path.join(workdir, "eval", f"{method}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        results[method] = result
         summary[method] = {"mean_auc": result["mean_auc"], "per_task": result["per_task"]}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plots.auc_bars(summary, os.path.join(workdir, "eval", "auc.png"))
-    plots.training_curves({m: os.path.join(train_dir(workdir, m), "metrics.jsonl") for m in cfg.train.methods},
-                          os.path.join(workdir, "eval", "training.png"))
-    print(results_table(summary))
+    if jax.process_index() == 0:  # every process computed the same numbers; one writes them
+        for method, result in results.items():
+            with open(os.path.join(workdir, "eval", f"{method}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plots.auc_bars(summary, os.path.join(workdir, "eval", "auc.png"))
+        plots.training_curves({m: os.path.join(train_dir(workdir, m), "metrics.jsonl") for m in cfg.train.methods},
+                              os.path.join(workdir, "eval", "training.png"))
+        print(results_table(summary))
     return summary
 
 

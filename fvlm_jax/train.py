@@ -36,6 +36,8 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     n = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
     if n > jax.device_count():
         raise ValueError(f"mesh.data={n} but only {jax.device_count()} devices are visible")
+    if cfg.train.batch_size % n:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {n} devices of the mesh")
     return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
 
 
@@ -53,7 +55,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    # No decay on biases, norms, queries, temperature: only on matrices.
+    # Decay only on arrays of rank >= 2 (weight matrices, embeddings, queries); not on biases, norms, temperature.
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, weight_decay=cfg.train.weight_decay,
                         mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
     clip = cfg.train.get("grad_clip_norm", 0.0)
@@ -150,13 +152,20 @@ class Trainer:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so a resumed log has no duplicate steps."""
+    """Drop lines logged after the checkpoint we resume from (and a line cut short by a kill), so a resumed log
+    has each step exactly once."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                continue
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
@@ -171,10 +180,12 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     trainer = Trainer(cfg, method, mesh)
     mngr = trainer.checkpoint_manager(os.path.join(train_dir, "checkpoints"))
     metrics_path = os.path.join(train_dir, "metrics.jsonl")
+    writer = jax.process_index() == 0  # host-side files are written by one process; Orbax saves from all
     if trainer.restore(mngr):
         log.info("%s: resumed from step %d", method, trainer.step)
-        _truncate_metrics(metrics_path, trainer.step)
-    elif os.path.exists(metrics_path):
+        if writer:
+            _truncate_metrics(metrics_path, trainer.step)
+    elif writer and os.path.exists(metrics_path):
         os.remove(metrics_path)
     total, start = cfg.train.steps, trainer.step
     if start >= total:
@@ -184,7 +195,9 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     bar = tqdm(total=total, initial=start, desc=f"train {method}", disable=not progress or jax.process_index(),
                dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
-    with open(metrics_path, "a") as metrics_file:
+    # Line-buffered: a kill can never leave a row that is only partly written, and rows reach the disk before the
+    # checkpoint of their step does.
+    with open(metrics_path, "a", buffering=1) if writer else open(os.devnull, "w") as metrics_file:
         for batch in batches(start):
             step = trainer.step
             metrics = jax.device_get(trainer.train_step(batch))
@@ -202,11 +215,9 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
                    "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
                    "temperature": float(metrics["temperature"])}
             row.update({f"loss/{a}": float(v) for a, v in zip(anatomies, metrics["per_anatomy"])})
-            if jax.process_index() == 0:
-                metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.write(json.dumps(row) + "\n")
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-                metrics_file.flush()
                 rate = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['learning_rate']:.1e}", vol_s=f"{rate:.1f}")
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total:

@@ -47,10 +47,13 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     Order and augmentation depend only on (seed, example counter): a resumed run skips the serialized records of
     the steps already done (no decoding) and sees exactly the batches of an uninterrupted run.
     """
-    spec = records.load_builder(records_dir).info.features
+    info = records.load_builder(records_dir).info
+    spec = info.features
     files = records.split_files(records_dir, split)[process_index::process_count]
-    if not files:
-        raise ValueError(f"process {process_index} of {process_count} has no record file of split {split!r}")
+    if not sum(info.splits[split].shard_lengths[process_index::process_count]):
+        # .repeat() over no records would spin forever instead of failing.
+        raise ValueError(f"process {process_index} of {process_count} gets no record of split {split!r}: prepare "
+                         "with data.num_shards a multiple of the process count and at most the number of scans")
     ds = tf.data.TFRecordDataset(files)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
     ds = ds.skip(start_step * batch_size)

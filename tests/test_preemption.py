@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
 
     cfg = demo.get_config()
     cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
-    cfg.train.update(batch_size=4, steps=12, warmup_steps=2, checkpoint_every=3, log_every=1)
+    cfg.train.update(batch_size=4, steps=12, warmup_steps=2, checkpoint_every=3, log_every=5)
     batches = lambda start: (synthetic.random_batch(cfg, 4, seed=i) for i in itertools.count(start))
     train.train(cfg, "fvlm", sys.argv[1], batches, progress=False)
 """)
