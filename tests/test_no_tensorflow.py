@@ -1,4 +1,4 @@
-"""Model, loss, train step, evaluation and export import and run where TensorFlow is not installed."""
+"""Model, loss, train step, export and the exported Predictor run where TensorFlow is not installed."""
 
 import os
 import subprocess
@@ -16,6 +16,25 @@ SCRIPT = textwrap.dedent("""
     trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
     loss = float(trainer.train_step(synthetic.random_batch(cfg, 4))["loss"])
     assert loss == loss
+
+    # Export, load and score a new scan (NIfTI written here) without TensorFlow.
+    import os, tempfile
+    import nibabel as nib
+    import numpy as np
+    from input_pipeline import demo_data
+    from input_pipeline.tokenizer import train_tokenizer
+    from input_pipeline.totalseg_classes import CLASS_TABLES
+
+    tmp = tempfile.mkdtemp()
+    case = demo_data.generate_case(np.random.default_rng(0))
+    nib.save(nib.Nifti1Image(case["image"], case["affine"]), os.path.join(tmp, "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(case["seg"], case["affine"]), os.path.join(tmp, "seg.nii.gz"))
+    train_tokenizer([case["findings"], case["impression"]] * 10, os.path.join(tmp, "tok.model"), 64)
+    out = export.export(trainer.model(), "fvlm", cfg, os.path.join(tmp, "tok.model"), CLASS_TABLES["total"],
+                        os.path.join(tmp, "export"))
+    scores = export.Predictor(out).score(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))
+    assert len(scores) == len(cfg.eval.tasks) and all(0 <= v <= 1 for v in scores.values())
+    assert "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None
     print("OK")
 """)
 
