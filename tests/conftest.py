@@ -3,7 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from configs import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real CTs live in ../shared/data beside the checkout; FVLM_SHARED_DATA points elsewhere.
@@ -41,3 +44,30 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA} (the real CTs live beside the checkout)")
     return SHARED_DATA
+
+
+def phantom_ct(shape=(16, 14, 10)):
+    """Asymmetric HU volume (air, body, lung, liver) and TotalSegmentator v2 labels (10 = lung lobe, 5 = liver)."""
+    hu = np.full(shape, -1000, np.int16)
+    seg = np.zeros(shape, np.uint8)
+    hu[2:-2, 2:-2, 1:-1] = 40
+    hu[3:8, 4:10, 2:8] = -850
+    seg[3:8, 4:10, 2:8] = 10
+    hu[9:13, 4:9, 2:6] = 60
+    seg[9:13, 4:9, 2:6] = 5
+    hu[10, 5, 3] = 300  # a bright voxel in a corner of the liver: flips show
+    return hu, seg
+
+
+def manifest_config(source="manifest", **data):
+    """Demo config for tiny synthetic scans on a 10 mm grid, one split, one worker."""
+    cfg = demo.get_config()
+    cfg.data.source = source
+    cfg.data.threshold_split = cfg.data.eval_split = "train"
+    cfg.data.workers, cfg.data.num_shards = 1, 1
+    cfg.prep.spacing_xyz = (10.0, 10.0, 10.0)
+    cfg.prep.margin_zyx = (0, 0, 0)
+    cfg.prep.min_size_zyx = (8, 8, 8)
+    cfg.prep.vocab_size = 64
+    cfg.data.update(data)
+    return cfg

@@ -8,42 +8,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import manifest_config, phantom_ct
 
-from configs import demo
 from input_pipeline import prepare
 
 FINDINGS = "Mild emphysema in both lungs. The liver is normal."
 IMPRESSION = "Emphysema."
 
 
-def _phantom(shape=(16, 14, 10)):
-    """HU volume (air outside, body, lungs) and TotalSegmentator v2 labels (10 = lung lobe, 5 = liver)."""
-    hu = np.full(shape, -1000, np.int16)
-    seg = np.zeros(shape, np.uint8)
-    hu[2:-2, 2:-2, 1:-1] = 40
-    hu[3:8, 4:10, 2:8] = -850
-    seg[3:8, 4:10, 2:8] = 10
-    hu[9:13, 4:9, 2:6] = 60
-    seg[9:13, 4:9, 2:6] = 5
-    return hu, seg
-
-
 def _save(path, array, affine=None):
     nib.Nifti1Image(array, np.diag([10.0, 10.0, 10.0, 1.0]) if affine is None else affine).to_filename(str(path))
     return path.name
-
-
-def _cfg(**data):
-    cfg = demo.get_config()
-    cfg.data.source = "manifest"
-    cfg.data.threshold_split = cfg.data.eval_split = "train"
-    cfg.data.workers, cfg.data.num_shards = 1, 1
-    cfg.prep.spacing_xyz = (10.0, 10.0, 10.0)
-    cfg.prep.margin_zyx = (0, 0, 0)
-    cfg.prep.min_size_zyx = (8, 8, 8)
-    cfg.prep.vocab_size = 64
-    cfg.data.update(data)
-    return cfg
 
 
 def _entry(sid, image, seg="seg.nii.gz", findings=FINDINGS, impression=IMPRESSION, **kw):
@@ -55,7 +30,7 @@ def _entry(sid, image, seg="seg.nii.gz", findings=FINDINGS, impression=IMPRESSIO
 def bad_manifest(tmp_path):
     d = tmp_path / "raw"
     d.mkdir()
-    hu, seg = _phantom()
+    hu, seg = phantom_ct()
     _save(d / "ct.nii.gz", hu)
     _save(d / "seg.nii.gz", seg)
     _save(d / "seg_empty.nii.gz", np.zeros_like(seg))
@@ -105,7 +80,7 @@ EXPECTED = {  # id -> a piece of its reason
 def test_every_bad_input_is_rejected_with_a_reason(bad_manifest, tmp_path, caplog):
     out = tmp_path / "records"
     with caplog.at_level(logging.INFO):
-        manifest = prepare.prepare(_cfg(), str(bad_manifest), str(out), progress=False)
+        manifest = prepare.prepare(manifest_config(), str(bad_manifest), str(out), progress=False)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert all(set(r) == {"id", "split", "reason"} for r in rejects)
     got = {r["id"]: r["reason"] for r in rejects}
@@ -126,7 +101,7 @@ def test_every_bad_input_is_rejected_with_a_reason(bad_manifest, tmp_path, caplo
 def test_strict_raises_on_any_reject(bad_manifest, tmp_path):
     out = tmp_path / "records"
     with pytest.raises(RuntimeError, match="strict"):
-        prepare.prepare(_cfg(strict=True), str(bad_manifest), str(out), progress=False)
+        prepare.prepare(manifest_config(strict=True), str(bad_manifest), str(out), progress=False)
     assert len((out / "rejects.jsonl").read_text().splitlines()) == len(EXPECTED)
 
 
@@ -137,6 +112,6 @@ def test_nothing_written_raises(tmp_path):
     (d / "m.jsonl").write_bytes(_entry("a", "empty.nii.gz") + b"\n" + _entry("b", "ct.nii.gz", findings=""))
     out = tmp_path / "records"
     with pytest.raises(RuntimeError, match="nothing could be written"):
-        prepare.prepare(_cfg(), str(d / "m.jsonl"), str(out), progress=False)
+        prepare.prepare(manifest_config(), str(d / "m.jsonl"), str(out), progress=False)
     reasons = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (out / "rejects.jsonl").read_text().splitlines()}
     assert "empty (0 bytes)" in reasons["a"] and "image not found" in reasons["b"]

@@ -10,37 +10,12 @@ import os
 import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
+from conftest import manifest_config, phantom_ct
 
 from configs import demo
 from input_pipeline import ct_rate, demo_data, prepare, preprocess, sources
 
 FINDINGS = "Mild emphysema in both lungs. The liver is normal."
-
-
-def _phantom(shape=(16, 14, 10)):
-    """Asymmetric HU volume (air, body, lung, liver) and TotalSegmentator v2 labels (10 = lung lobe, 5 = liver)."""
-    hu = np.full(shape, -1000, np.int16)
-    seg = np.zeros(shape, np.uint8)
-    hu[2:-2, 2:-2, 1:-1] = 40
-    hu[3:8, 4:10, 2:8] = -850
-    seg[3:8, 4:10, 2:8] = 10
-    hu[9:13, 4:9, 2:6] = 60
-    seg[9:13, 4:9, 2:6] = 5
-    hu[10, 5, 3] = 300  # a bright voxel in a corner of the liver: flips show
-    return hu, seg
-
-
-def _cfg(source="manifest", **data):
-    cfg = demo.get_config()
-    cfg.data.source = source
-    cfg.data.threshold_split = cfg.data.eval_split = "train"
-    cfg.data.workers, cfg.data.num_shards = 1, 1
-    cfg.prep.spacing_xyz = (10.0, 10.0, 10.0)
-    cfg.prep.margin_zyx = (0, 0, 0)
-    cfg.prep.min_size_zyx = (8, 8, 8)
-    cfg.prep.vocab_size = 64
-    cfg.data.update(data)
-    return cfg
 
 
 def _examples(out, split="train"):
@@ -77,7 +52,7 @@ def _stored_like_ct_rate(path, hu):
 
 
 def test_metadata_affine_and_raw_rescale(tmp_path):
-    hu, _ = _phantom()
+    hu, _ = phantom_ct()
     _stored_like_ct_rate(tmp_path / "v.nii.gz", hu)
     geometry = ct_rate.geometry_from_metadata(META)
     vol, aff = preprocess.load_ct(tmp_path / "v.nii.gz", geometry)
@@ -92,7 +67,7 @@ def test_metadata_affine_and_raw_rescale(tmp_path):
 
 
 def test_ct_rate_metadata_gives_true_geometry_and_hu(tmp_path):
-    hu, seg = _phantom()
+    hu, seg = phantom_ct()
     raw = tmp_path / "raw"
     d = raw / "dataset" / "train" / "train_1" / "train_1_a"
     d.mkdir(parents=True)
@@ -115,7 +90,7 @@ def test_ct_rate_metadata_gives_true_geometry_and_hu(tmp_path):
     truth.mkdir()
     nib.Nifti1Image(hu, TRUE_AFFINE).to_filename(str(truth / "ct.nii.gz"))
     nib.Nifti1Image(seg, TRUE_AFFINE).to_filename(str(truth / "seg.nii.gz"))
-    cfg = _cfg("ct_rate")
+    cfg = manifest_config("ct_rate")
     kw = prepare._prep_kw(cfg.prep)
     expected = preprocess.preprocess_scan(truth / "ct.nii.gz", truth / "seg.nii.gz", **kw)
     fixed = preprocess.preprocess_scan(d / "train_1_a_1.nii.gz", raw / "segmentations" / "train" /
@@ -161,7 +136,7 @@ def _manifest(tmp_path, n=4, **extra):
     (d / "seg").mkdir()
     lines = []
     for i in range(n):
-        hu, seg = _phantom()
+        hu, seg = phantom_ct()
         hu[3 + i % 3, 5, 4] = -200 + 10 * i  # distinct images
         nib.Nifti1Image(hu, np.diag([10.0, 10.0, 10.0, 1.0])).to_filename(str(d / "ct" / f"{i}.nii.gz"))
         nib.Nifti1Image(seg, np.diag([10.0, 10.0, 10.0, 1.0])).to_filename(str(d / "seg" / f"{i}.nii.gz"))
@@ -184,7 +159,7 @@ def test_manifest_source_paths_labels_and_splits(tmp_path):
                             "split": "elsewhere"}) + "\n")
     _, _, rejects = sources.read_manifest(str(path))
     assert [r["id"] for r in rejects] == ["v"] and "0 or 1" in rejects[0]["reason"]
-    by_split, _, rejects = sources.list_all(_cfg(), str(path), ["train"])
+    by_split, _, rejects = sources.list_all(manifest_config(), str(path), ["train"])
     assert len(by_split["train"]) == 2 and {r["id"] for r in rejects} == {"v", "t"}
 
 
@@ -203,7 +178,7 @@ def test_decomposition_files(tmp_path):
         "train_0_a": {"lung": "Centrilobular emphysema. No nodules.", "heart": "Heart size is normal.",
                       "bone": "Degenerative changes."}}))
     (dec / "conc_info.json").write_text(json.dumps({"train_0_a": {"lung": "Pleural effusion on the right."}}))
-    cfg = _cfg(decomposition_dir=str(dec))
+    cfg = manifest_config(decomposition_dir=str(dec))
     out = tmp_path / "records"
     manifest = prepare.prepare(cfg, str(path), str(out), progress=False)
     ex = _examples(out)
@@ -217,13 +192,13 @@ def test_decomposition_files(tmp_path):
     # train_1 is not in the files: the built-in splitter (findings mention lung and liver).
     assert {a for a, h in zip(anat, ex["train_1_a_1"]["has_text"]) if h} == {"lung", "liver"}
     # A configuration without the field still works (tested throughout); an empty one means the built-in splitter.
-    assert _cfg().data.get("decomposition_dir", "") == ""
+    assert manifest_config().data.get("decomposition_dir", "") == ""
 
 
 def test_resume_recomputes_only_missing_and_gives_identical_records(tmp_path, caplog):
     path = _manifest(tmp_path, 5)
     out = tmp_path / "records"
-    cfg = _cfg()
+    cfg = manifest_config()
     with caplog.at_level(logging.INFO, logger="input_pipeline.prepare"):
         prepare.prepare(cfg, str(path), str(out), progress=False)
     assert "images: 5 to preprocess, 0 already in the cache" in caplog.text
