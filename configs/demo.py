@@ -5,6 +5,8 @@ python run.py --config=configs/demo.py --workdir=/tmp/fvlm_demo
 
 import ml_collections
 
+from fvlm_jax import sharding
+
 ANATOMIES = {
     "lung": ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
              "lung_lower_lobe_right"],
@@ -83,11 +85,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.001, max=0.5))
     c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     c.model.remat = False  # recompute transformer blocks in the backward pass (saves activation memory)
+    # What the backward pass may keep when remat is on: a jax.checkpoint_policies name. "nothing_saveable" keeps
+    # only block inputs; "dots_with_no_batch_dims_saveable" keeps the matmul outputs (faster, more memory).
+    c.model.remat_policy = "nothing_saveable"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.normal_pairs = True  # normal false-negative correction
     c.loss.same_text_pairs = True
     c.loss.disease_pairs = True  # disease-aware pairing of abnormal samples
+    # "gspmd": the loss as one jitted function, XLA chooses the collectives. "shard_map": each device computes its
+    # own rows against all-gathered embeddings (fvlm_jax.losses.sharded_anatomy_contrastive_loss).
+    c.loss.impl = "gspmd"
 
     c.train = ml_collections.ConfigDict()
     c.train.methods = ("fvlm", "clip")  # mode=all trains each, same data and budget
@@ -99,13 +107,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.warmup_steps = 50
     c.train.weight_decay = 0.01
     c.train.grad_clip_norm = 1.0  # 0 = off (the public code does not clip)
+    # Split the global batch into this many micro-batches and accumulate exactly (the contrastive loss still sees
+    # the whole batch: embeddings first, then one encoder backward pass per micro-batch). 1 = off.
+    c.train.grad_accum_steps = 1
+    c.train.tensorboard = True  # TensorBoard event files in the train folder, tensorboard/ (tensorboardX)
     c.train.flip_prob = 0.2
     c.train.log_every = 25
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
 
+    # Mesh axes (data, fsdp, tensor); data = -1 takes the devices the other two leave. The batch is split over
+    # data x fsdp; fsdp also splits every weight and optimizer moment; tensor splits heads and MLP columns.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # all devices on the data axis
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical axis name -> mesh axes, for every weight and the main activations (fvlm_jax/sharding.py).
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = sharding.DEFAULT_RULES
 
     c.eval = ml_collections.ConfigDict()
     c.eval.tasks = TASKS

@@ -8,8 +8,31 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _NEG = -1e9  # finite "minus infinity": keeps softmax NaN-free on fully masked rows.
+
+
+def _pair_targets(row, col, *, normal_pairs, same_text_pairs, disease_pairs):
+    """[A, R, C] bool positives between a set of rows and a set of columns (dicts of valid, normal, text_id,
+    disease, index; `index` is the global sample index, so a sample is its own positive)."""
+    pair_valid = row["valid"][:, :, None] & col["valid"][:, None, :]
+    pos = row["index"][None, :, None] == col["index"][None, None, :]
+    if normal_pairs:
+        pos = pos | (row["normal"][:, :, None] & col["normal"][:, None, :])
+    if same_text_pairs:
+        pos = pos | (row["text_id"][:, :, None] == col["text_id"][:, None, :])
+    if disease_pairs:
+        def abnormal(s):
+            return ~s["normal"] & jnp.any(s["disease"], axis=-1)
+        same = jnp.all(row["disease"][:, :, None, :] == col["disease"][:, None, :, :], axis=-1)
+        pos = pos | (same & abnormal(row)[:, :, None] & abnormal(col)[:, None, :])
+    return pos & pair_valid, pair_valid
+
+
+def _side(valid, normal, text_id, disease, index):
+    return {"valid": valid.astype(bool), "normal": normal.astype(bool), "text_id": text_id,
+            "disease": disease.astype(bool), "index": index}
 
 
 def anatomy_targets(valid, normal, text_id, disease, *, normal_pairs=True, same_text_pairs=True,
@@ -23,30 +46,31 @@ def anatomy_targets(valid, normal, text_id, disease, *, normal_pairs=True, same_
       disease: [A, B, K] bool, disease labels of the anatomy text.
     Returns:
       [A, B, B] bool: identity OR both normal OR same text OR both abnormal with the same non-empty disease set,
-      restricted to pairs of valid samples.
+      restricted to pairs of valid samples. The relation is symmetric.
     """
-    b = valid.shape[1]
-    pair_valid = valid[:, :, None] & valid[:, None, :]
-    pos = jnp.broadcast_to(jnp.eye(b, dtype=bool), pair_valid.shape)
-    if normal_pairs:
-        pos = pos | (normal[:, :, None] & normal[:, None, :])
-    if same_text_pairs:
-        pos = pos | (text_id[:, :, None] == text_id[:, None, :])
-    if disease_pairs:
-        abnormal = ~normal & jnp.any(disease, axis=-1)
-        same = jnp.all(disease[:, :, None, :] == disease[:, None, :, :], axis=-1)
-        pos = pos | (same & abnormal[:, :, None] & abnormal[:, None, :])
-    return pos & pair_valid
+    side = _side(valid, normal, text_id, disease, jnp.arange(valid.shape[1]))
+    return _pair_targets(side, side, normal_pairs=normal_pairs, same_text_pairs=same_text_pairs,
+                         disease_pairs=disease_pairs)[0]
 
 
-def _soft_xent(logits, targets, pair_valid, row_valid):
-    """Mean over valid rows of -sum_j t_ij log softmax(logits_i)_j, softmax over valid columns only."""
+def _row_losses(queries, keys, row, col, temperature, switches):
+    """Soft cross-entropy of each query row over all key columns: -sum_j t_ij log softmax(q_i . k / T)_j, with
+    targets t_i = positives / their count and softmax over valid columns only. Returns [A, R] (0 on invalid rows).
+    """
+    logits = jnp.einsum("ard,acd->arc", queries.astype(jnp.float32), keys.astype(jnp.float32)) / temperature
+    pos, pair_valid = _pair_targets(row, col, **switches)
     logits = jnp.where(pair_valid, logits, _NEG)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    t = targets / jnp.maximum(targets.sum(-1, keepdims=True), 1.0)
-    per_row = -jnp.sum(jnp.where(pair_valid, t * logp, 0.0), axis=-1)  # [A, B]
-    n = row_valid.sum(-1)
-    return jnp.sum(jnp.where(row_valid, per_row, 0.0), -1) / jnp.maximum(n, 1)
+    t = pos.astype(jnp.float32)
+    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1.0)
+    per_row = -jnp.sum(jnp.where(pair_valid, t * logp, 0.0), axis=-1)
+    return jnp.where(row["valid"], per_row, 0.0)
+
+
+def _combine(row_sum, col_sum, n_valid, n_abnormal):
+    """Per anatomy 0.5 * (mean row loss + mean column loss); 0 for an anatomy with no valid abnormal sample."""
+    per_anatomy = 0.5 * (row_sum + col_sum) / jnp.maximum(n_valid, 1)
+    return jnp.where(n_abnormal > 0, per_anatomy, 0.0)
 
 
 def anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, temperature, normal_pairs=True,
@@ -62,17 +86,51 @@ def anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, tempe
       Scalar: sum over anatomies of 0.5 * (row + column soft cross-entropy), each averaged over valid rows; an
       anatomy with no valid abnormal sample contributes 0. With return_per_anatomy, also the [A] vector.
     """
-    valid = valid.astype(bool)
-    normal = normal.astype(bool)
-    disease = disease.astype(bool)
-    logits = jnp.einsum("abd,acd->abc", img.astype(jnp.float32), txt.astype(jnp.float32)) / temperature
-    pos = anatomy_targets(valid, normal, text_id, disease, normal_pairs=normal_pairs,
-                          same_text_pairs=same_text_pairs, disease_pairs=disease_pairs).astype(jnp.float32)
-    pair_valid = valid[:, :, None] & valid[:, None, :]
-    rows = _soft_xent(logits, pos, pair_valid, valid)
-    cols = _soft_xent(jnp.swapaxes(logits, 1, 2), jnp.swapaxes(pos, 1, 2), pair_valid, valid)
-    has_abnormal = jnp.any(valid & ~normal, axis=-1)
-    per_anatomy = jnp.where(has_abnormal, 0.5 * (rows + cols), 0.0)
+    side = _side(valid, normal, text_id, disease, jnp.arange(img.shape[1]))
+    sw = dict(normal_pairs=normal_pairs, same_text_pairs=same_text_pairs, disease_pairs=disease_pairs)
+    # The positive relation is symmetric, so the column (text -> image) direction is the row function with the
+    # roles of the two encoders swapped.
+    rows = _row_losses(img, txt, side, side, temperature, sw).sum(-1)
+    cols = _row_losses(txt, img, side, side, temperature, sw).sum(-1)
+    per_anatomy = _combine(rows, cols, side["valid"].sum(-1), jnp.sum(side["valid"] & ~side["normal"], -1))
+    loss = per_anatomy.sum()
+    return (loss, per_anatomy) if return_per_anatomy else loss
+
+
+def sharded_anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, temperature, mesh,
+                                     batch_axes=("data", "fsdp"), normal_pairs=True, same_text_pairs=True,
+                                     disease_pairs=True, return_per_anatomy=False):
+    """`anatomy_contrastive_loss` as a `jax.shard_map` over the batch axes of `mesh` (same arguments and result).
+
+    Each device keeps its own samples as rows and all-gathers only the [A, B, D] embeddings and the per-sample
+    labels of the other direction: it computes its local image->text rows and local text->image rows against the
+    full batch, never the whole [A, B, B] matrix, and the row sums and counts are summed over devices. The
+    all-gather's transpose is a reduce-scatter, so gradients still reach every sample's encoder pass.
+    """
+    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    sw = dict(normal_pairs=normal_pairs, same_text_pairs=same_text_pairs, disease_pairs=disease_pairs)
+    spec2, spec3 = P(None, batch_axes), P(None, batch_axes, None)
+
+    def local(img, txt, valid, normal, text_id, disease, temperature):
+        b_local = img.shape[1]
+        shard = jnp.zeros((), jnp.int32)
+        for ax in batch_axes:  # linear index of this shard along the (major-to-minor) batch axes
+            shard = shard * jax.lax.axis_size(ax) + jax.lax.axis_index(ax)
+        mine = _side(valid, normal, text_id, disease, shard * b_local + jnp.arange(b_local))
+
+        def gather(x):
+            return jax.lax.all_gather(x, batch_axes, axis=1, tiled=True)
+
+        full = _side(gather(valid), gather(normal), gather(text_id), gather(disease),
+                     jnp.arange(b_local * jax.lax.psum(1, batch_axes)))
+        rows = _row_losses(img, gather(txt), mine, full, temperature, sw).sum(-1)
+        cols = _row_losses(txt, gather(img), mine, full, temperature, sw).sum(-1)
+        n_valid = jax.lax.psum(mine["valid"].sum(-1), batch_axes)
+        n_abnormal = jax.lax.psum(jnp.sum(mine["valid"] & ~mine["normal"], -1), batch_axes)
+        return _combine(jax.lax.psum(rows, batch_axes), jax.lax.psum(cols, batch_axes), n_valid, n_abnormal)
+
+    per_anatomy = jax.shard_map(local, mesh=mesh, in_specs=(spec3, spec3, spec2, spec2, spec2, spec3, P()),
+                                out_specs=P())(img, txt, valid, normal, text_id, disease, temperature)
     loss = per_anatomy.sum()
     return (loss, per_anatomy) if return_per_anatomy else loss
 

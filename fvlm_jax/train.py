@@ -23,22 +23,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fvlm_jax import losses
+from fvlm_jax import losses, sharding
 from fvlm_jax.models.fvlm import FVLM
+from fvlm_jax.sharding import make_mesh  # noqa: F401  (re-exported: train.make_mesh(cfg))
 
 log = logging.getLogger(__name__)
 
 METHODS = ("fvlm", "clip")
-
-
-def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over all devices (mesh.data = -1) or the given count."""
-    n = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
-    if n > jax.device_count():
-        raise ValueError(f"mesh.data={n} but only {jax.device_count()} devices are visible")
-    if cfg.train.batch_size % n:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {n} devices of the mesh")
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
 
 
 def create_model(cfg: ml_collections.ConfigDict, method: str, seed: int | None = None) -> FVLM:
@@ -64,50 +55,120 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
 
-def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict):
-    """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
+def _embed(model: FVLM, batch: dict, method: str):
+    """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A]."""
     image = batch["image"].astype(jnp.float32) / 255.0
     img, _, intact = model.encode_image(image, batch["labels"])
+    txt = model.encode_text(batch["report_tokens"] if method == "clip" else batch["text_tokens"])
+    return img, txt, intact
+
+
+def _loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
+    """The contrastive loss of the global batch from its embeddings. Returns (loss, per-anatomy losses)."""
     if method == "clip":
-        txt = model.encode_text(batch["report_tokens"])
-        loss = losses.clip_loss(img[:, 0], txt, temperature=model.temp())
-        return loss, {"per_anatomy": jnp.zeros((0,))}
-    txt = model.encode_text(batch["text_tokens"])  # [B, A, E]
-    valid = intact & batch["has_text"]
-    loss, per_anatomy = losses.anatomy_contrastive_loss(
-        jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1), valid=valid.T, normal=batch["normal"].T,
-        text_id=batch["text_id"].T, disease=jnp.swapaxes(batch["disease"], 0, 1), temperature=model.temp(),
-        normal_pairs=loss_cfg.normal_pairs, same_text_pairs=loss_cfg.same_text_pairs,
-        disease_pairs=loss_cfg.disease_pairs, return_per_anatomy=True)
+        return losses.clip_loss(img[:, 0], txt, temperature=temperature), jnp.zeros((0,))
+    kw = dict(valid=(intact & batch["has_text"]).T, normal=batch["normal"].T, text_id=batch["text_id"].T,
+              disease=jnp.swapaxes(batch["disease"], 0, 1), temperature=temperature,
+              normal_pairs=loss_cfg.normal_pairs, same_text_pairs=loss_cfg.same_text_pairs,
+              disease_pairs=loss_cfg.disease_pairs, return_per_anatomy=True)
+    img, txt = jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1)
+    if loss_cfg.get("impl", "gspmd") == "shard_map" and mesh is not None:
+        return losses.sharded_anatomy_contrastive_loss(img, txt, mesh=mesh, **kw)
+    return losses.anatomy_contrastive_loss(img, txt, **kw)
+
+
+def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None):
+    """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
+    img, txt, intact = _embed(model, batch, method)
+    loss, per_anatomy = _loss_from_embeddings(img, txt, intact, model.temp(), batch, method, loss_cfg, mesh)
     return loss, {"per_anatomy": per_anatomy}
 
 
+def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
+                               batch_spec=None):
+    """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
+
+    Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
+    2) the contrastive loss of the whole batch and its gradient with respect to the embeddings (and temperature);
+    3) per micro-batch, re-run the encoders under `jax.vjp` and pull the embedding gradient back to the
+    parameters, summing. Costs one extra forward pass; activation memory is that of one micro-batch.
+    """
+    b = batch["image"].shape[0]
+    if b % num_micro:
+        raise ValueError(f"batch {b} is not divisible into {num_micro} micro-batches")
+
+    def split(x):  # [B, ...] -> [M, B/M, ...]; micro-batch m takes rows m, M+m, ... so it spans every device
+        x = jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
+        if batch_spec is not None:
+            x = jax.lax.with_sharding_constraint(x, P(None, *batch_spec))
+        return x
+
+    micro = jax.tree.map(split, batch)
+
+    def embed(p, mb):
+        return _embed(nnx.merge(graphdef, p), mb, method)
+
+    img, txt, intact = jax.lax.map(lambda mb: embed(params, mb), micro)
+    flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
+
+    def head_loss(img, txt, p):
+        temp = nnx.merge(graphdef, p).temp()
+        return _loss_from_embeddings(img, txt, flat["intact"], temp, flat["micro"], method, loss_cfg, mesh)
+
+    (loss, per_anatomy), (g_img, g_txt, grads) = jax.value_and_grad(head_loss, argnums=(0, 1, 2), has_aux=True)(
+        flat["img"], flat["txt"], params)
+    g_img, g_txt = (g.reshape(num_micro, b // num_micro, *g.shape[1:]) for g in (g_img, g_txt))
+
+    def backward(acc, xs):
+        mb, gi, gt = xs
+        _, vjp = jax.vjp(lambda p: embed(p, mb)[:2], params)
+        return jax.tree.map(jnp.add, acc, vjp((gi, gt))[0]), None
+
+    grads, _ = jax.lax.scan(backward, grads, (micro, g_img, g_txt))
+    return (loss, {"per_anatomy": per_anatomy}), grads
+
+
 class Trainer:
-    """Holds the graph definition, the sharded state and the compiled step for one method."""
+    """Holds the graph definition, the sharded state and the compiled step for one method.
+
+    The state (parameters, optimizer moments, step) is created inside `jax.jit` with the shardings that the
+    parameters' logical axis names and cfg.sharding.rules give, so with fsdp > 1 it is never whole on one device.
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh):
         self.cfg, self.method, self.mesh = cfg, method, mesh
+        self.rules = tuple(cfg.get("sharding", {}).get("rules", sharding.DEFAULT_RULES))
         self.tx = make_optimizer(cfg)
         self.schedule = learning_rate_schedule(cfg)
-        model = create_model(cfg, method)
-        self.graphdef, params = nnx.split(model, nnx.Param)
+        tx = self.tx
+
+        def init():
+            params = nnx.state(create_model(cfg, method), nnx.Param)
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+        abstract = nnx.eval_shape(lambda: create_model(cfg, method))
+        self.graphdef = nnx.graphdef(abstract)
+        self.state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, self.rules)
         self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P("data"))
-
-        def init(params):
-            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+        self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
+        self.batch_sharding = NamedSharding(mesh, self.batch_spec)
         with jax.set_mesh(mesh):
-            self.state = jax.jit(init, out_shardings=self.replicated)(params)
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+            self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
-        graphdef, tx, loss_cfg = self.graphdef, self.tx, cfg.loss
+        graphdef, loss_cfg, rules = self.graphdef, cfg.loss, self.rules
+        num_micro = int(cfg.train.get("grad_accum_steps", 1))
+        batch_spec = self.batch_spec
 
         def step_fn(state, batch):
-            def loss_fn(params):
-                return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg)
+            with sharding.axis_rules(rules):
+                if num_micro > 1:
+                    (loss, aux), grads = accumulated_value_and_grad(
+                        graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec)
+                else:
+                    def loss_fn(params):
+                        return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh)
 
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+                    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),

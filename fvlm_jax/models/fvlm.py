@@ -13,7 +13,9 @@ from flax import nnx
 
 from fvlm_jax import anatomy
 from fvlm_jax.models.text import TextEncoder
+from fvlm_jax.models.transformer import dense, layer_norm
 from fvlm_jax.models.vit3d import ViT3D
+from fvlm_jax.sharding import constrain, logical
 
 
 def l2_normalize(x, eps=1e-6):
@@ -28,11 +30,12 @@ class AnatomyPool(nnx.Module):
 
     def __init__(self, num_queries: int, width: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.heads = heads
-        self.queries = nnx.Param(jnp.zeros((num_queries, width)))
-        self.ln = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
-        self.q = nnx.Linear(width, width, rngs=rngs, dtype=dtype)
-        self.kv = nnx.Linear(width, 2 * width, rngs=rngs, dtype=dtype)
-        self.out = nnx.Linear(width, width, rngs=rngs, dtype=dtype)
+        self.queries = nnx.Param(jnp.zeros((num_queries, width)), **logical("anatomy", "embed"))
+        self.ln = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.q = dense(width, width, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        # kv columns are head-major ([head][k|v][channel]) like the blocks' qkv.
+        self.kv = dense(width, 2 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.out = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, levels, member):
         """levels: [L, B, N, D] tokens; member: [B, A, N] bool. Returns [B, A, D].
@@ -42,14 +45,15 @@ class AnatomyPool(nnx.Module):
         nl, b, n, d = levels.shape
         h = self.heads
         tokens = self.ln(jnp.moveaxis(levels, 0, 1).reshape(b, nl * n, d))
-        k, v = jnp.split(self.kv(tokens).reshape(b, nl * n, 2, h, d // h), 2, axis=2)
+        kv = constrain(self.kv(tokens).reshape(b, nl * n, h, 2, d // h), "batch", "length", "heads", None, None)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]
         q = self.q(self.queries[...]).reshape(-1, h, d // h)
         mask = jnp.tile(member, (1, 1, nl))  # [B, A, L*N], level-major like tokens
         mask = mask | ~mask.any(-1, keepdims=True)
-        logits = jnp.einsum("ahc,bnhc->bahn", q, k[:, :, 0]) / jnp.sqrt(d // h).astype(q.dtype)
+        logits = jnp.einsum("ahc,bnhc->bahn", q, k) / jnp.sqrt(d // h).astype(q.dtype)
         logits = jnp.where(mask[:, :, None, :], logits, -1e9)
         att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        pooled = jnp.einsum("bahn,bnhc->bahc", att, v[:, :, 0]).reshape(b, -1, d)
+        pooled = jnp.einsum("bahn,bnhc->bahc", att, v).reshape(b, -1, d)
         return self.out(pooled)
 
 
@@ -60,20 +64,21 @@ class FVLM(nnx.Module):
         # Parameters stay float32; `dtype` is the compute dtype (bfloat16 on accelerators). Embeddings, similarities
         # and the loss are float32.
         dtype = jnp.dtype(cfg.get("dtype", "float32"))
-        remat = bool(cfg.get("remat", False))
+        remat = dict(remat=bool(cfg.get("remat", False)), remat_policy=cfg.get("remat_policy", "nothing_saveable"))
         self.global_pool = global_pool
         self.num_anatomies = num_anatomies
         self.patch_zyx = tuple(v.patch_zyx)
         self.vision = ViT3D(input_zyx=cfg.input_zyx, patch_zyx=v.patch_zyx, width=v.width, depth=v.depth,
                             heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks,
-                            stem_channels=v.get("stem_channels", ()), rngs=rngs, dtype=dtype, remat=remat)
+                            stem_channels=v.get("stem_channels", ()), rngs=rngs, dtype=dtype, **remat)
         nq = 1 if global_pool else num_anatomies
         self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs, dtype=dtype)
-        self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)))
+        self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)),
+                                  **logical("anatomy", "embed", "proj"))
         self.text = TextEncoder(vocab_size=t.vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
-                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs, dtype=dtype, remat=remat)
-        self.txt_proj = nnx.Linear(t.width, cfg.embed_dim, rngs=rngs)
-        self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32))
+                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs, dtype=dtype, **remat)
+        self.txt_proj = dense(t.width, cfg.embed_dim, ("embed", "proj"), rngs=rngs)
+        self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32), **logical())
         self.temp_range = (cfg.temperature.min, cfg.temperature.max)
 
     def temp(self):

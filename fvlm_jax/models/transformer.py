@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fvlm_jax.sharding import constrain, logical
+
 
 class Block(nnx.Module):
     """x + MHSA(LN(x)), then x + MLP(LN(x)). qkv with bias, as ViT-B / BERT."""
@@ -14,24 +16,49 @@ class Block(nnx.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.ln1 = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
-        self.qkv = nnx.Linear(width, 3 * width, rngs=rngs, dtype=dtype)
-        self.out = nnx.Linear(width, width, rngs=rngs, dtype=dtype)
-        self.ln2 = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
-        self.fc1 = nnx.Linear(width, mlp_dim, rngs=rngs, dtype=dtype)
-        self.fc2 = nnx.Linear(mlp_dim, width, rngs=rngs, dtype=dtype)
+        self.ln1 = layer_norm(width, rngs=rngs, dtype=dtype)
+        # qkv columns are head-major ([head][q|k|v][channel]), so splitting them over the tensor axis splits heads.
+        self.qkv = dense(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.out = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.ln2 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x, mask=None):
         """x: [B, N, D]; mask: optional [B, N] bool of real (non-padding) tokens. Returns [B, N, D]."""
         b, n, d = x.shape
-        qkv = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        x = constrain(x, "batch", "length", "act_embed")
+        qkv = self.qkv(self.ln1(x)).reshape(b, n, self.heads, 3, d // self.heads)
+        qkv = constrain(qkv, "batch", "length", "heads", None, None)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         attn_mask = None if mask is None else mask[:, None, None, :]
         y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
         x = x + self.out(y.reshape(b, n, d))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+        h = constrain(jax.nn.gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
+        return constrain(x + self.fc2(h), "batch", "length", "act_embed")
+
+
+def dense(n_in: int, n_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, **kw) -> nnx.Linear:
+    """nnx.Linear whose kernel has logical axes `axes` and whose bias has the output axis."""
+    return nnx.Linear(n_in, n_out, rngs=rngs, dtype=dtype, kernel_metadata=logical(*axes),
+                      bias_metadata=logical(axes[1]), **kw)
+
+
+def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, rngs=rngs, dtype=dtype, scale_metadata=logical("norm"),
+                         bias_metadata=logical("norm"))
 
 
 def apply_block(block, x, *args):
     """block(x, *args) as a function of the module, so that nnx.remat can wrap it (rematerialisation)."""
     return block(x, *args)
+
+
+def block_runner(remat: bool, policy: str = "nothing_saveable"):
+    """apply_block, or apply_block recomputed in the backward pass keeping what the jax.checkpoint_policies
+    `policy` allows."""
+    if not remat:
+        return apply_block
+    if not hasattr(jax.checkpoint_policies, policy):
+        raise ValueError(f"model.remat_policy={policy!r} is not a jax.checkpoint_policies name")
+    return nnx.remat(apply_block, policy=getattr(jax.checkpoint_policies, policy))

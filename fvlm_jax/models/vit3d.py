@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fvlm_jax.models.transformer import Block, apply_block
+from fvlm_jax.models.transformer import Block, block_runner, dense, layer_norm
+from fvlm_jax.sharding import constrain, logical
 
 
 def patchify_channels(x, stride_zyx):
@@ -40,7 +41,8 @@ class ConvStem(nnx.Module):
         self.strides = stem_strides(patch_zyx, len(channels))
         dims = [1, *channels, width]
         self.layers = nnx.List([
-            nnx.Linear(dims[i] * s[0] * s[1] * s[2], dims[i + 1], rngs=rngs, dtype=dtype)
+            dense(dims[i] * s[0] * s[1] * s[2], dims[i + 1], ("patch", "embed" if i + 1 == len(dims) - 1 else None),
+                  rngs=rngs, dtype=dtype)
             for i, s in enumerate(self.strides)])
 
     def __call__(self, volume):
@@ -63,7 +65,8 @@ class ViT3D(nnx.Module):
 
     def __init__(self, *, input_zyx: Sequence[int], patch_zyx: Sequence[int], width: int, depth: int, heads: int,
                  mlp_dim: int, feature_blocks: Sequence[int], rngs: nnx.Rngs, stem_channels: Sequence[int] = (),
-                 dtype=jnp.float32, remat: bool = False):
+                 dtype=jnp.float32, remat: bool = False,
+                 remat_policy: str = "nothing_saveable"):
         if any(not 1 <= i <= depth for i in feature_blocks):
             raise ValueError(f"feature_blocks {tuple(feature_blocks)} must lie in [1, depth={depth}]")
         self.patch_zyx = tuple(patch_zyx)
@@ -71,17 +74,17 @@ class ViT3D(nnx.Module):
         n = self.grid_zyx[0] * self.grid_zyx[1] * self.grid_zyx[2]
         # stem_channels=() is the paper's single linear 3D patch embedding.
         self.stem = ConvStem(patch_zyx, tuple(stem_channels), width, rngs=rngs, dtype=dtype)
-        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n, width)))
+        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n, width)), **logical("length", "embed"))
         self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
-        self.final_ln = nnx.LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.final_ln = layer_norm(width, rngs=rngs, dtype=dtype)
         self.feature_blocks = tuple(feature_blocks)
-        self.remat = remat
+        self.remat, self.remat_policy = remat, remat_policy
 
     def __call__(self, volume):
         """volume: [B, Z, Y, X] float in [0, 1]. Returns [L, B, N, D] multi-level token features."""
-        x = self.stem(volume)
+        x = self.stem(constrain(volume, "batch", None, None, None))
         x = x + self.pos[...].astype(x.dtype)
-        run = nnx.remat(apply_block) if self.remat else apply_block
+        run = block_runner(self.remat, self.remat_policy)
         levels = []
         for i, block in enumerate(self.blocks, start=1):
             x = run(block, x)
