@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
         "matplotlib>=3.9,<4",
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
         # Preparation and the tf.data input pipeline (input_pipeline/ only; the model runs without them).
         "tensorflow-cpu>=2.19,<2.22",
         "tensorflow-datasets>=4.9.8,<4.10",

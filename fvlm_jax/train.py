@@ -229,6 +229,24 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(kept)
 
 
+def _tensorboard(cfg: ml_collections.ConfigDict, train_dir: str):
+    """A TensorBoard event writer in <train_dir>/tensorboard (tensorboardX: no TensorFlow in training)."""
+    if not cfg.train.get("tensorboard", False):
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30)
+
+
+def _console(bar, method: str, row: dict, total: int, rate: float, batch_size: int, anatomies: list) -> None:
+    """One readable line per log interval: step, loss, per-anatomy losses, learning rate, volumes/s, ETA."""
+    eta = (total - row["step"]) * batch_size / rate if rate > 0 else float("nan")
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+    parts = " ".join(f"{a} {row[f'loss/{a}']:.3f}" for a in anatomies if f"loss/{a}" in row)
+    bar.write(f"{method} step {row['step']}/{total}  loss {row['loss']:.4f}" + (f" ({parts})" if parts else "")
+              + f"  lr {row['learning_rate']:.2e}  {rate:.1f} vol/s  ETA {eta_s}")
+
+
 def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
           batches: Callable[[int], Iterator[dict]], *, progress: bool = True) -> Trainer:
     """Trains `method` for cfg.train.steps, resuming from the last checkpoint in `train_dir`.
@@ -255,14 +273,14 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     anatomies = list(cfg.prep.anatomies)
     bar = tqdm(total=total, initial=start, desc=f"train {method}", disable=not progress or jax.process_index(),
                dynamic_ncols=True)
-    t0, seen = time.perf_counter(), 0
+    tb = _tensorboard(cfg, train_dir) if writer else None
+    window_t, window_n, rate = time.perf_counter(), 0, float("nan")
     # Line-buffered: a kill can never leave a row that is only partly written, and rows reach the disk before the
     # checkpoint of their step does.
     with open(metrics_path, "a", buffering=1) if writer else open(os.devnull, "w") as metrics_file:
         for batch in batches(start):
             step = trainer.step
             metrics = jax.device_get(trainer.train_step(batch))
-            seen += cfg.train.batch_size
             loss = float(metrics["loss"])
             # The updated parameters are checked too: a finite loss can still be followed by an overflowing update,
             # and that state must never become the "last good" checkpoint.
@@ -272,6 +290,10 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
                 raise FloatingPointError(
                     f"{method}: non-finite loss, gradients or parameters at step {step + 1}; "
                     + (f"last good checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"))
+            if step == start:  # the first step includes compilation: the throughput window starts after it
+                window_t, window_n = time.perf_counter(), 0
+            else:
+                window_n += cfg.train.batch_size
             row = {"step": step + 1, "loss": loss, "learning_rate": float(trainer.schedule(step)),
                    "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
                    "temperature": float(metrics["temperature"])}
@@ -279,12 +301,25 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
             metrics_file.write(json.dumps(row) + "\n")
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-                rate = seen / (time.perf_counter() - t0)
+                if window_n:
+                    rate = window_n / (time.perf_counter() - window_t)
+                    window_t, window_n = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['learning_rate']:.1e}", vol_s=f"{rate:.1f}")
+                if writer:
+                    _console(bar, method, row, total, rate, cfg.train.batch_size, anatomies)
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step + 1)
+                        if np.isfinite(rate):
+                            tb.add_scalar("volumes_per_s", rate, step + 1)
+                        tb.flush()
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total:
                 trainer.save(mngr)
             if step + 1 >= total:
                 break
+    if tb is not None:
+        tb.close()
     bar.close()
     mngr.wait_until_finished()
     return trainer

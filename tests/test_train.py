@@ -46,3 +46,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert f"at step {len(rows) + 1};" in str(err.value)  # the first bad step, never logged
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert all(s <= len(rows) for s in saved)  # no checkpoint of a non-finite state
+
+
+def test_console_lines_and_tensorboard_events(tmp_path, capsys):
+    import tensorflow as tf  # only to read the event files back (training itself writes them without TF)
+
+    cfg = tiny_config()
+    cfg.train.steps, cfg.train.log_every = 4, 2
+    train.train(cfg, "fvlm", str(tmp_path), synthetic_batches(cfg), progress=False)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fvlm step")]
+    assert [ln.split()[2] for ln in lines] == ["2/4", "4/4"]
+    for a in cfg.prep.anatomies:
+        assert f"{a} " in lines[0]
+    assert "vol/s" in lines[0] and "ETA" in lines[0] and "lr " in lines[0]
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = {}
+    for f in (tmp_path / "tensorboard").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    assert set(scalars["loss"]) == {2, 4}
+    assert scalars["loss"][4] == pytest.approx(rows[3]["loss"], rel=1e-6)
+    assert scalars["loss/lung"][2] == pytest.approx(rows[1]["loss/lung"], rel=1e-6)
+    assert {"learning_rate", "grad_norm", "temperature", "volumes_per_s"} <= set(scalars)
