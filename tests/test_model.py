@@ -94,7 +94,8 @@ def test_zero_query_pooling_starts_as_mean_over_anatomy_tokens():
     member = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]]], bool)
     got = np.asarray(pool(levels, jnp.asarray(member)))
     tokens = np.asarray(pool.ln(jnp.moveaxis(levels, 0, 1).reshape(1, 10, 8)))
-    v = tokens @ np.asarray(pool.kv.kernel[...])[:, 8:] + np.asarray(pool.kv.bias[...])[8:]
+    kv = tokens @ np.asarray(pool.kv.kernel[...]) + np.asarray(pool.kv.bias[...])
+    v = kv.reshape(1, 10, 2, 2, 4)[:, :, :, 1].reshape(1, 10, 8)  # columns are [head][k|v][channel]
     for a in range(2):
         mask = np.tile(member[0, a], 2)
         want = v[0, mask].mean(0) @ np.asarray(pool.out.kernel[...]) + np.asarray(pool.out.bias[...])

@@ -1,0 +1,153 @@
+"""The fVLM image encoder's train step in JAX/Flax NNX against MONAI's ViT in PyTorch, same size, same precision.
+
+The public fVLM code builds its 3D image encoder on MONAI's `ViT`. Both sides here run the same step: a
+single-channel volume through a linear (strided conv) patch embedding and a pre-LN transformer, mean over tokens,
+a linear head, a squared-error loss, backward, AdamW update. The two are timed in alternating rounds in one process,
+so machine noise hits both alike; the ratio is JAX step time / PyTorch step time (below 1 = JAX is faster).
+
+  python bench/vs_pytorch.py          # CPU, the small size: width 256, 4 layers, 256 tokens, batch 4
+  python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda
+      # on a GPU host: JAX bf16 against the PyTorch fp32 recipe, ViT-B on 112x256x352 with 16x16x32 patches
+
+Needs `torch` and `monai` (not dependencies of fvlm-jax: `pip install torch monai`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fvlm_jax.models.vit3d import ViT3D
+
+SIZES = {  # input_zyx, patch_zyx, width, depth, heads, mlp
+    "small": ((32, 64, 64), (8, 8, 8), 256, 4, 4, 1024),
+    "paper": ((112, 256, 352), (16, 16, 32), 768, 12, 12, 3072),
+}
+
+
+class JaxEncoder(nnx.Module):
+    def __init__(self, input_zyx, patch_zyx, width, depth, heads, mlp, dtype, remat, rngs):
+        self.vit = ViT3D(input_zyx=input_zyx, patch_zyx=patch_zyx, width=width, depth=depth, heads=heads,
+                         mlp_dim=mlp, feature_blocks=(), rngs=rngs, dtype=dtype, remat=remat)
+        self.head = nnx.Linear(width, 1, rngs=rngs)
+
+    def __call__(self, volume):
+        tokens = self.vit(volume)[-1]  # final LayerNorm output [B, N, D]
+        return self.head(tokens.mean(axis=1).astype(jnp.float32))[:, 0]
+
+
+def jax_step_fn(args, size):
+    model = JaxEncoder(*size, dtype=jnp.dtype(args.jax_dtype), remat=args.remat, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, x, y):
+        def loss_fn(p):
+            return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((args.batch, *size[0]), np.float32))
+    y = jnp.asarray(rng.random((args.batch,), np.float32))
+    state = [params, opt]
+
+    def run():
+        state[0], state[1], loss = step(state[0], state[1], x, y)
+        return loss
+
+    return run, lambda loss: float(jax.block_until_ready(loss))
+
+
+def torch_step_fn(args, size):
+    import torch
+    from monai.networks.nets import ViT
+
+    dev = torch.device(args.torch_device)
+    input_zyx, patch_zyx, width, depth, heads, mlp = size
+    vit = ViT(in_channels=1, img_size=input_zyx, patch_size=patch_zyx, hidden_size=width, mlp_dim=mlp,
+              num_layers=depth, num_heads=heads, proj_type="conv", classification=False, qkv_bias=True).to(dev)
+    head = torch.nn.Linear(width, 1).to(dev)
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((args.batch, 1, *input_zyx), np.float32)).to(dev)
+    y = torch.from_numpy(rng.random((args.batch,), np.float32)).to(dev)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        tokens, _ = vit(x)
+        loss = torch.mean((head(tokens.mean(dim=1))[:, 0] - y) ** 2)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def sync(loss):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach().cpu())
+
+    return run, sync
+
+
+def timed(run, sync, steps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = run()
+    sync(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating JAX / PyTorch rounds")
+    ap.add_argument("--jax_dtype", default="float32")
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--torch_device", default="cpu")
+    args = ap.parse_args()
+    try:
+        import monai
+        import torch
+    except ImportError as e:
+        raise SystemExit(f"this comparison needs PyTorch and MONAI ({e}): pip install torch monai") from e
+    torch.set_num_threads(os.cpu_count())
+    size = SIZES[args.size]
+    n_tokens = int(np.prod([i // p for i, p in zip(size[0], size[1])]))
+    print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({args.jax_dtype}); PyTorch {torch.__version__} "
+          f"+ MONAI {monai.__version__} on {args.torch_device} (float32); {os.cpu_count()} CPU threads")
+    print(f"size {args.size}: input {size[0]}, patch {size[1]}, {n_tokens} tokens, width {size[2]}, depth {size[3]}, "
+          f"heads {size[4]}, mlp {size[5]}, batch {args.batch}")
+
+    sides = {"jax": jax_step_fn(args, size), "pytorch": torch_step_fn(args, size)}
+    for run, sync in sides.values():  # compile / warm up
+        sync(run())
+        sync(run())
+    times = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, (run, sync) in sides.items():
+            times[name].append(timed(run, sync, args.steps))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:8s} step {v * 1e3:8.1f} ms (median of {args.rounds} rounds x {args.steps} steps; "
+              f"min {min(times[k]) * 1e3:.1f})   {args.batch / v:7.2f} volumes/s")
+    ratios = [j / p for j, p in zip(times["jax"], times["pytorch"])]
+    print(f"ratio JAX / PyTorch step time: {med['jax'] / med['pytorch']:.2f} (per round: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + f"); JAX volumes/s = {med['pytorch'] / med['jax']:.2f}x PyTorch")
+
+
+if __name__ == "__main__":
+    main()
