@@ -15,25 +15,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from sklearn import metrics as skm
 
+from fvlm_jax import sharding
 from fvlm_jax.models.fvlm import FVLM
 
 
-def image_encoder(model: FVLM):
-    """A jitted fn(image uint8 [B, Z, Y, X], labels [B, Z, Y, X]) -> (emb [B, A, E], present, intact)."""
+def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None):
+    """A jitted fn(image uint8 [B, Z, Y, X], labels [B, Z, Y, X]) -> (emb [B, A, E], present, intact).
+
+    With a mesh (and the sharding rules), the batch is split over the mesh's batch axes like in training, so
+    evaluation uses every device; every process must then pass the same whole batch.
+    """
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def enc(state, image, labels):
-        return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
+        with sharding.axis_rules(rules or sharding.DEFAULT_RULES):
+            return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
 
-    return lambda image, labels: enc(state, image, labels)
+    if mesh is None:
+        return lambda image, labels: enc(state, image, labels)
+    spec = sharding.logical_to_spec(("batch",), rules or sharding.DEFAULT_RULES)
+    shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(spec))]))
+
+    def run(image, labels):
+        put = NamedSharding(mesh, spec if image.shape[0] % shards == 0 else P())
+        with jax.set_mesh(mesh):
+            return enc(state, jax.device_put(image, put), jax.device_put(labels, put))
+
+    return run
 
 
-def encode_images(model: FVLM, batches: Iterable[dict]) -> dict:
+def encode_images(model: FVLM, batches: Iterable[dict], mesh: jax.sharding.Mesh | None = None,
+                  rules=None) -> dict:
     """Embeds every scan: returns {"emb": [N, A, E], "targets": [N, C], "ids": [N]} (padding rows dropped)."""
-    enc = image_encoder(model)
+    enc = image_encoder(model, mesh, rules)
     embs, targets, ids = [], [], []
     for b in batches:
         keep = b["mask"]

@@ -124,13 +124,15 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     summary, results = {}, {}
     for method in cfg.train.methods:
         model = train.restore_params(cfg, method, train_dir(workdir, method))
+        mesh = train.make_mesh(cfg)
         index = [0 if method == "clip" else anatomies.index(t[0]) for t in tasks]
         prompt_emb = evaluate.prompt_embeddings(model, prompts)
         temp = float(model.temp())
         per_split = {}
         for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
             enc = evaluate.encode_images(model, tfdata.eval_batches(
-                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx))
+                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx), mesh,
+                cfg.sharding.rules)
             per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
         scores, targets = per_split[cfg.data.eval_split]
         thr_scores, thr_targets = per_split[cfg.data.threshold_split]

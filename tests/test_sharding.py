@@ -1,4 +1,4 @@
-"""Sharded training on 8 fake CPU devices: the same losses on meshes (data, fsdp, tensor) = 8x1x1, 2x4x1 and
+"""Sharded training and evaluation on 8 fake CPU devices: the same losses on meshes (data, fsdp, tensor) = 8x1x1, 2x4x1 and
 2x2x2 as on one device, with the GSPMD and the shard_map loss and with exact gradient accumulation; the state is
 born sharded (FSDP and tensor axes split the weights); a checkpoint saved on one mesh restores on another."""
 
@@ -49,6 +49,12 @@ SCRIPT = textwrap.dedent("""
                                 list(fc1.shape), str(mu["vision"]["blocks"][0]["fc1"]["kernel"].sharding.spec)]
     # Saved on a 2x2x2 mesh, restored on a 4x1x1 mesh of 4 devices: same values, new layout.
     two, cfg, _ = run("fvlm", (2, 2, 2), steps=1)
+    # Evaluation splits its batch over the same mesh and embeds exactly as one device does.
+    from fvlm_jax import evaluate
+    b = synthetic.random_batch(cfg, 8, seed=5)
+    sharded = evaluate.image_encoder(two.model(), two.mesh, cfg.sharding.rules)(b["image"], b["labels"])[0]
+    plain = evaluate.image_encoder(two.model())(b["image"], b["labels"])[0]
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), rtol=1e-5, atol=1e-5)
     ckpt = tempfile.mkdtemp()
     mngr = two.checkpoint_manager(ckpt)
     two.save(mngr)
