@@ -10,6 +10,7 @@ The peak comes from --peak_tflops or, for known accelerators, from the device ki
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -45,7 +46,17 @@ def main():
     ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--text_len", type=int, default=None, help="tokens per anatomy text (default: the preset's)")
     ap.add_argument("--peak_tflops", type=float, default=None)
+    ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (exact accumulation)")
+    ap.add_argument("--loss_impl", choices=("gspmd", "shard_map"), default="gspmd")
+    ap.add_argument("--memory_only", action="store_true",
+                    help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
+                         "on a device from any host")
     args = ap.parse_args()
+    if args.memory_only:
+        # XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one is closer to what the
+        # GPU/TPU compilers do, so the CPU estimate means something. (Set before the backend starts.)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
     cfg = preset_config(args.preset)
     if args.dtype:
@@ -55,12 +66,28 @@ def main():
     if args.text_len:
         cfg.prep.text_len = args.text_len
     cfg.train.batch_size = args.batch
+    cfg.train.grad_accum_steps = args.grad_accum
+    cfg.loss.impl = args.loss_impl
     dev = jax.devices()[0]
     kind = dev.device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
     trainer = train.Trainer(cfg, args.method, train.make_mesh(cfg))
     batches = [synthetic.random_batch(cfg, args.batch, seed=i) for i in range(2)]
+    if args.memory_only:
+        t0 = time.perf_counter()
+        with jax.set_mesh(trainer.mesh):
+            compiled = trainer.step_fn.lower(trainer.state, trainer.global_batch(batches[0])).compile()
+        m = compiled.memory_analysis()
+        gib = 2**30
+        peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        print(f"{kind} ({jax.default_backend()}): preset {args.preset}, batch {args.batch} on {jax.device_count()} "
+              f"device(s), dtype {cfg.model.dtype}, remat {cfg.model.remat} ({cfg.model.remat_policy}), "
+              f"grad_accum {args.grad_accum}; compiled in {time.perf_counter() - t0:.0f} s")
+        print(f"XLA memory analysis per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs "
+              f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
+              f"{m.temp_size_in_bytes / gib:.2f} GiB; peak estimate {peak / gib:.2f} GiB")
+        return
     t0 = time.perf_counter()
     jax.block_until_ready(trainer.train_step(batches[0]))
     compile_s = time.perf_counter() - t0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
+from fvlm_jax import sharding
 from fvlm_jax.train import METHODS
 
 MODES = ("prepare", "train", "eval", "export", "all")
@@ -58,5 +60,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append("data.source='ct_rate' needs data.root (the folder holding dataset/, radiology_text_reports/...)")
     if cfg.data.source == "manifest" and not str(cfg.data.root).endswith(".jsonl"):
         errors.append("data.source='manifest' needs data.root = the path of a .jsonl manifest")
+    if cfg.model.get("remat_policy", "nothing_saveable") not in dir(jax.checkpoint_policies):
+        errors.append(f"model.remat_policy={cfg.model.remat_policy!r} is not a jax.checkpoint_policies name")
+    if cfg.loss.get("impl", "gspmd") not in ("gspmd", "shard_map"):
+        errors.append(f"loss.impl={cfg.loss.impl!r}: choose 'gspmd' or 'shard_map'")
+    accum = cfg.train.get("grad_accum_steps", 1)
+    if accum < 1 or cfg.train.batch_size % accum:
+        errors.append(f"train.grad_accum_steps={accum} must be >= 1 and divide train.batch_size={cfg.train.batch_size}")
+    if cfg.mesh.get("fsdp", 1) < 1 or cfg.mesh.get("tensor", 1) < 1 or cfg.mesh.data == 0 or cfg.mesh.data < -1:
+        errors.append("mesh.fsdp and mesh.tensor must be >= 1, mesh.data >= 1 or -1 (all remaining devices)")
+    try:
+        sharding.rules_dict(cfg.sharding.rules)
+    except (ValueError, TypeError) as e:
+        errors.append(f"sharding.rules: {e}")
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

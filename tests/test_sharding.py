@@ -1,6 +1,8 @@
-"""Sharded training and evaluation on 8 fake CPU devices: the same losses on meshes (data, fsdp, tensor) = 8x1x1, 2x4x1 and
-2x2x2 as on one device, with the GSPMD and the shard_map loss and with exact gradient accumulation; the state is
-born sharded (FSDP and tensor axes split the weights); a checkpoint saved on one mesh restores on another."""
+"""Sharded training and evaluation on 8 fake CPU devices.
+
+The same losses on meshes (data, fsdp, tensor) = 8x1x1, 2x4x1 and 2x2x2 as on one device, with the GSPMD and the
+shard_map loss and with exact gradient accumulation; the state is born sharded (FSDP and tensor axes split the
+weights); a checkpoint saved on one mesh restores on another; evaluation on the mesh embeds as one device does."""
 
 import json
 import os

@@ -50,15 +50,27 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNor
 
 
 def apply_block(block, x, *args):
-    """block(x, *args) as a function of the module, so that nnx.remat can wrap it (rematerialisation)."""
     return block(x, *args)
 
 
 def block_runner(remat: bool, policy: str = "nothing_saveable"):
-    """apply_block, or apply_block recomputed in the backward pass keeping what the jax.checkpoint_policies
-    `policy` allows."""
+    """fn(block, x, *args) -> block(x, *args), recomputed in the backward pass when `remat`, keeping only what the
+    jax.checkpoint_policies `policy` allows.
+
+    The block goes through jax.checkpoint as a pure function of its split state (blocks hold no mutable state), so
+    it composes with jax.vjp / lax.scan (gradient accumulation) without Flax trace-level bookkeeping.
+    """
     if not remat:
         return apply_block
     if not hasattr(jax.checkpoint_policies, policy):
         raise ValueError(f"model.remat_policy={policy!r} is not a jax.checkpoint_policies name")
-    return nnx.remat(apply_block, policy=getattr(jax.checkpoint_policies, policy))
+
+    def run(block, x, *args):
+        graphdef, state = nnx.split(block)
+
+        def pure(state, x, *args):
+            return nnx.merge(graphdef, state)(x, *args)
+
+        return jax.checkpoint(pure, policy=getattr(jax.checkpoint_policies, policy))(state, x, *args)
+
+    return run
