@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--text_len", type=int, default=None, help="tokens per anatomy text (default: the preset's)")
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (exact accumulation)")
+    ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,8,1 (default: all devices on data)")
+    ap.add_argument("--fake_devices", type=int, default=0, help="run on this many fake CPU devices (sharding check)")
     ap.add_argument("--loss_impl", choices=("gspmd", "shard_map"), default="gspmd")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
@@ -58,7 +60,11 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
+    if args.fake_devices:
+        jax.config.update("jax_num_cpu_devices", args.fake_devices)
     cfg = preset_config(args.preset)
+    if args.mesh:
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(v) for v in args.mesh.split(","))
     if args.dtype:
         cfg.model.dtype = args.dtype
     if args.remat is not None:
