@@ -34,6 +34,9 @@ setup(
     extras_require={
         "gpu": ["jax[cuda12]>=0.10,<0.12"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18"],
+        # Preparation as an Apache Beam pipeline (data.runner="beam"); tested with 2.77 (it pins protobuf < 7,
+        # which TensorFlow 2.21 accepts).
+        "beam": ["apache-beam>=2.70,<3"],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3"],
     },
 )

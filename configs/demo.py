@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.num_shards = 4
     c.data.workers = 2
+    # "local": a process pool of data.workers on this machine. "beam": the image work as an Apache Beam pipeline
+    # with the pipeline options in data.beam_options (see README, "Preparing on a cluster").
+    c.data.runner = "local"
+    c.data.beam_options = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
     c.data.shuffle_buffer = 512
 
     c.prep = ml_collections.ConfigDict()

@@ -3,10 +3,10 @@
 Run through `python run.py --config=... --mode=prepare`. Phases:
 1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows, duplicate ids
    and reports without usable anatomy text become rejects.
-2. Image work in a process pool (`data.workers`, spawn). Each scan's result (image, labels, presence, or the reason
-   it was rejected) is cached atomically as `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing
-   parameters, the scan's geometry and the input files' sizes and modification times. A rerun after an
-   interruption recomputes only missing or stale entries.
+2. Image work in a process pool (`data.workers`, spawn) or an Apache Beam pipeline (`data.runner="beam"`). Each
+   scan's result (image, labels, presence, or the reason it was rejected) is cached atomically as
+   `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and the input
+   files' sizes and modification times. A rerun after an interruption recomputes only missing or stale entries.
 3. The tokenizer is trained on the training texts of the scans that survived (deterministic).
 4. Records are written in input order from the cache, so a rerun produces byte-identical record files.
 
@@ -123,6 +123,40 @@ def _process(task) -> bool:
     return True
 
 
+def _process_with(task, kw: dict) -> bool:
+    """_process for workers that did not run _init_worker (Apache Beam)."""
+    if _PREP_KW != kw:
+        _init_worker(kw)
+    return _process(task)
+
+
+def run_beam(tasks: list, prep_kw: dict, options: str) -> None:
+    """Phase 2 as an Apache Beam pipeline: each scan's preprocessing into its cache entry, on any Beam runner.
+
+    `options` are Beam pipeline options as on a command line, e.g. "--runner=DirectRunner --direct_num_workers=4
+    --direct_running_mode=multi_processing", or "--runner=DataflowRunner --project=... --region=...
+    --temp_location=gs://... --setup_file=./setup.py". The cache folder (and the input files) must be visible to
+    every worker at the same path (local disk for the DirectRunner; NFS/Filestore or a GCS FUSE mount on a
+    cluster). The rest of the preparation (tokenizer, records, metadata) reads the cache exactly as after the local
+    process pool, so both runners write byte-identical records.
+    """
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError as e:
+        raise ImportError("data.runner='beam' needs Apache Beam: pip install 'fvlm-jax[beam]'") from e
+    import shlex
+
+    log.info("images: running %d scans through Apache Beam (%s)", len(tasks), options or "default DirectRunner")
+    with beam.Pipeline(options=PipelineOptions(shlex.split(options))) as pipeline:
+        done = (pipeline
+                | "scans" >> beam.Create(tasks)
+                | "spread" >> beam.Reshuffle()
+                | "preprocess" >> beam.Map(_process_with, prep_kw))
+        _ = done | "count" >> beam.combiners.Count.PerElement() | "log" >> beam.Map(
+            lambda kv: log.info("beam: %d scans %s", kv[1], "preprocessed" if kv[0] else "rejected"))
+
+
 def _prep_kw(p) -> dict:
     return dict(class_table=CLASS_TABLES[p.class_table], anatomies=dict(p.anatomies),
                 spacing_xyz=tuple(p.spacing_xyz), hu_window=tuple(p.hu_window), margin_zyx=tuple(p.margin_zyx),
@@ -216,7 +250,10 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                 tasks.append((s, path, key))
     n_scans = sum(len(v) for v in scans.values())
     log.info("images: %d to preprocess, %d already in the cache", len(tasks), n_scans - len(tasks))
-    if tasks:
+    runner = cfg.data.get("runner", "local")
+    if tasks and runner == "beam":
+        run_beam(tasks, prep_kw, cfg.data.get("beam_options", ""))
+    elif tasks:
         ctx = multiprocessing.get_context("spawn")
         workers = max(1, min(int(cfg.data.workers), len(tasks)))
         with ctx.Pool(workers, initializer=_init_worker, initargs=(prep_kw,)) as pool:
