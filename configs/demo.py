@@ -61,7 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with the pipeline options in data.beam_options (see README, "Preparing on a cluster").
     c.data.runner = "local"
     c.data.beam_options = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+    # Training order: each epoch takes the record files in a seeded random order, data.block_files at a time,
+    # interleaved and shuffled through a buffer of data.shuffle_buffer records. A resumed run reads at most one
+    # block to reach its step. Host memory holds about shuffle_buffer serialized records.
     c.data.shuffle_buffer = 512
+    c.data.block_files = 8
 
     c.prep = ml_collections.ConfigDict()
     c.prep.class_table = "total"  # TotalSegmentator "total" (v2) or "total_v1"

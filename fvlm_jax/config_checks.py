@@ -50,6 +50,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    if cfg.data.get("block_files", 8) < 1 or cfg.data.shuffle_buffer < 1:
+        errors.append("data.block_files and data.shuffle_buffer must be >= 1")
     if cfg.data.get("runner", "local") not in ("local", "beam"):
         errors.append(f"data.runner={cfg.data.runner!r}: choose 'local' or 'beam'")
     if cfg.prep.get("volume_encoding", "none") not in ("none", "zlib"):

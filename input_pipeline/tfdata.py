@@ -46,24 +46,64 @@ def center_crop(x, size_zyx):
     return tf.ensure_shape(out, size_zyx)
 
 
+def epoch_blocks(n_files: int, block_files: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The files of one epoch in a seeded random order, cut into blocks of `block_files` files."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_files)
+    return [perm[i:i + block_files] for i in range(0, n_files, block_files)]
+
+
+def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[int, int, int]:
+    """(epoch, block, offset in the block) of example number `consumed` of the stream, from the record counts per
+    file alone: resuming reads nothing before the block it lands in, however late the step."""
+    epoch, rest = divmod(consumed, sum(lengths))
+    for b, files in enumerate(epoch_blocks(len(lengths), block_files, seed, epoch)):
+        n = int(sum(lengths[i] for i in files))
+        if rest < n:
+            return epoch, b, rest
+        rest -= n
+    raise AssertionError("unreachable: the blocks of an epoch hold all its examples")
+
+
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
-                  start_step: int = 0, shuffle_buffer: int = 512, process_index: int = 0,
+                  start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
-    Order and augmentation depend only on (seed, example counter): a resumed run skips the serialized records of
-    the steps already done (no decoding) and sees exactly the batches of an uninterrupted run.
+    Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
+    block's files are interleaved record by record and shuffled through a buffer of `shuffle_buffer` records
+    (seeded per block). Order and augmentation depend only on (seed, example counter), so a run resumed at any
+    step sees exactly the batches of an uninterrupted run, and it reads at most one block to get there (the block
+    is found from the record counts in the metadata; earlier blocks and epochs are not read).
     """
     info = records.load_builder(records_dir).info
     spec = info.features
     files = records.split_files(records_dir, split)[process_index::process_count]
-    if not sum(info.splits[split].shard_lengths[process_index::process_count]):
-        # .repeat() over no records would spin forever instead of failing.
+    lengths = list(info.splits[split].shard_lengths[process_index::process_count])
+    if not sum(lengths):
+        # An endless stream over no records would spin forever instead of failing.
         raise ValueError(f"process {process_index} of {process_count} gets no record of split {split!r}: prepare "
                          "with data.num_shards a multiple of the process count and at most the number of scans")
-    ds = tf.data.TFRecordDataset(files)
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
-    ds = ds.skip(start_step * batch_size)
+    consumed = start_step * batch_size
+    epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
+
+    def plan():  # (shuffle seed, file names) of each block, from the resume block on
+        epoch, first = epoch0, block0
+        while True:
+            for b, idx in enumerate(epoch_blocks(len(files), block_files, seed, epoch)):
+                if b >= first:
+                    block_seed = int(np.random.default_rng([seed, epoch, b]).integers(2**62))
+                    yield np.int64(block_seed), np.asarray([files[i] for i in idx])
+            epoch, first = epoch + 1, 0
+
+    def block(block_seed, names):
+        ds = tf.data.Dataset.from_tensor_slices(names).interleave(
+            tf.data.TFRecordDataset, cycle_length=block_files, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        return ds.shuffle(shuffle_buffer, seed=block_seed, reshuffle_each_iteration=False)
+
+    ds = tf.data.Dataset.from_generator(plan, output_signature=(tf.TensorSpec([], tf.int64),
+                                                                tf.TensorSpec([None], tf.string)))
+    ds = ds.flat_map(block).skip(offset).enumerate(start=consumed)
     size_zyx = [int(s) for s in size_zyx]
 
     def decode(i, serialized):

@@ -41,6 +41,35 @@ def test_train_batches_deterministic_and_resumable(prepared_demo):
     assert not np.array_equal(a[0]["image"], a[1]["image"])
 
 
+def test_resume_point_matches_walking_the_stream():
+    """The pure-Python resume point against a brute-force walk over the blocks of several epochs."""
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(0, 6, 7)]  # one empty file included
+    lengths[2] = 0
+    walk = []
+    for epoch in range(3):
+        for b, files in enumerate(tfdata.epoch_blocks(len(lengths), 3, 11, epoch)):
+            walk += [(epoch, b, k) for k in range(sum(lengths[i] for i in files))]
+    assert len(walk) == 3 * sum(lengths)
+    for consumed, want in enumerate(walk):
+        assert tfdata.resume_point(lengths, 3, 11, consumed) == want
+
+
+def test_epochs_visit_every_example_once_and_resume_across_epochs(prepared_demo):
+    rdir = str(prepared_demo / "records")
+    kw = dict(batch_size=4, size_zyx=(32, 48, 64), flip_prob=0.5, seed=5, shuffle_buffer=8, block_files=1)
+    run = _take(tfdata.train_batches(rdir, "train", **kw), 20)  # 32 training scans: 8 steps per epoch
+    for epoch in range(2):
+        reports = {b["report_tokens"][i].tobytes() for b in run[8 * epoch:8 * epoch + 8] for i in range(4)}
+        assert len(reports) == 32
+    order = [b["report_tokens"][0].tobytes() for b in run]
+    assert order[:8] != order[8:16]  # each epoch has its own order
+    resumed = _take(tfdata.train_batches(rdir, "train", start_step=13, **kw), 7)
+    for x, y in zip(run[13:], resumed):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_crop_flip_moves_image_and_labels_together():
     import tensorflow as tf
 
