@@ -97,21 +97,28 @@ def zero_shot_report(scores: np.ndarray, targets: np.ndarray, task_names: Sequen
                      threshold_scores: np.ndarray | None = None, threshold_targets: np.ndarray | None = None) -> dict:
     """AUC per task and macro mean; with a threshold split, also the thresholded metrics macro-averaged.
 
-    scores/targets: [N, T]. Tasks whose targets are all one class get no AUC (reported as null).
+    scores/targets: [N, T]; a target of -1 means "no label" and leaves that scan out of that task. Tasks whose
+    labelled targets are all one class get no AUC (reported as null).
     """
     per_task, thresholded = {}, {}
     for t, name in enumerate(task_names):
-        y = targets[:, t]
-        if y.min() == y.max():
+        known = targets[:, t] >= 0
+        y, s = targets[known, t], scores[known, t]
+        if len(y) == 0 or y.min() == y.max():
             per_task[name] = None
             continue
-        per_task[name] = float(skm.roc_auc_score(y, scores[:, t]))
-        if threshold_scores is not None and 0 < threshold_targets[:, t].sum() < len(threshold_targets):
-            thr = roc_threshold(threshold_targets[:, t], threshold_scores[:, t])
-            thresholded[name] = threshold_metrics(y, scores[:, t], thr) | {"threshold": thr}
+        per_task[name] = float(skm.roc_auc_score(y, s))
+        if threshold_scores is not None:
+            tk = threshold_targets[:, t] >= 0
+            ty, ts = threshold_targets[tk, t], threshold_scores[tk, t]
+            if 0 < ty.sum() < len(ty):
+                thr = roc_threshold(ty, ts)
+                thresholded[name] = threshold_metrics(y, s, thr) | {"threshold": thr}
     aucs = [v for v in per_task.values() if v is not None]
     out = {"mean_auc": float(np.mean(aucs)) if aucs else float("nan"), "per_task": per_task,
-           "num_scans": int(len(scores)), "positives": {n: int(targets[:, t].sum()) for t, n in enumerate(task_names)}}
+           "num_scans": int(len(scores)),
+           "positives": {n: int((targets[:, t] == 1).sum()) for t, n in enumerate(task_names)},
+           "unlabelled": {n: int((targets[:, t] < 0).sum()) for t, n in enumerate(task_names)}}
     if thresholded:
         out["thresholded"] = thresholded
         out["macro"] = {k: float(np.mean([m[k] for m in thresholded.values()]))

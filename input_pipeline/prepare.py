@@ -320,7 +320,9 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                 "disease": disease,
                 "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),
                 "report_tokens": tok.encode([f"{s.findings} {s.impression}"], p.report_len)[0],
-                "targets": np.array([s.labels.get(c, 0) for c in columns], np.int32),
+                # -1: this scan has no label for the column (not in the label table, or left out of the manifest
+                # row); evaluation leaves it out of that task instead of counting it as a negative.
+                "targets": np.array([s.labels.get(c, -1) for c in columns], np.int32),
             })
             present_n += out["present"]
             described_n += has_text

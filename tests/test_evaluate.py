@@ -49,3 +49,20 @@ def test_report_uses_threshold_split_and_skips_single_class_tasks():
     pred = scores[:, 0] >= thr
     assert out["thresholded"]["a"]["threshold"] == pytest.approx(thr)
     assert out["thresholded"]["a"]["accuracy"] == pytest.approx((pred == targets[:, 0]).mean())
+
+
+def test_unlabelled_scans_are_left_out_of_their_task():
+    """-1 targets (no label in the table) are dropped per task, in the reported and the threshold split."""
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, (60, 2))
+    scores = rng.random((60, 2))
+    thr_targets, thr_scores = rng.integers(0, 2, (40, 2)), rng.random((40, 2))
+    targets[:15, 0] = -1
+    thr_targets[:10, 0] = -1
+    out = evaluate.zero_shot_report(scores, targets, ["a", "b"], thr_scores, thr_targets)
+    assert out["per_task"]["a"] == pytest.approx(roc_auc_score(targets[15:, 0], scores[15:, 0]))
+    assert out["per_task"]["b"] == pytest.approx(roc_auc_score(targets[:, 1], scores[:, 1]))
+    assert out["unlabelled"] == {"a": 15, "b": 0} and out["positives"]["a"] == int((targets[:, 0] == 1).sum())
+    thr = evaluate.roc_threshold(thr_targets[10:, 0], thr_scores[10:, 0])
+    assert out["thresholded"]["a"]["threshold"] == pytest.approx(thr)
+    assert out["thresholded"]["a"]["accuracy"] == pytest.approx(((scores[15:, 0] >= thr) == targets[15:, 0]).mean())

@@ -92,7 +92,8 @@ def test_every_bad_input_is_rejected_with_a_reason(bad_manifest, tmp_path, caplo
     ds = tfds.builder_from_directory(str(out)).as_dataset(split="train")
     examples = {e["id"].decode(): e for e in ds.as_numpy_iterator()}
     assert sorted(examples) == ["ok1", "ok2"]
-    assert examples["ok1"]["targets"].tolist() == [1, 0] and examples["ok2"]["targets"].tolist() == [0, 0]
+    # A label left out of a manifest row is "unknown" (-1), not negative.
+    assert examples["ok1"]["targets"].tolist() == [1, -1] and examples["ok2"]["targets"].tolist() == [-1, 0]
     logs = "\n".join(r.getMessage() for r in caplog.records)
     assert "rejected 1: not CT (implausible HU)" in logs and "rejected 1: undecodable text encoding" in logs
     assert "emphysema in both" not in logs.lower() and "nothing to report" not in logs.lower()
