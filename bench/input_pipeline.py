@@ -36,7 +36,7 @@ SIZE_ZYX = (112, 256, 352)
 STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
-PIPELINES = ("ours_none", "ours_zlib", "naive")
+PIPELINES = ("ours_none", "ours_none_glibc_default", "ours_zlib", "naive")
 
 
 def make_volume(rng, shape):
@@ -138,7 +138,8 @@ def worker(method, folder, volumes, warmup):
     from input_pipeline import tfdata
     with one_thread():
         if method.startswith("ours"):
-            it = tfdata.train_batches(os.path.join(folder, method), "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
+            records_dir = os.path.join(folder, method.replace("_glibc_default", ""))
+            it = tfdata.train_batches(records_dir, "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
                                       flip_prob=0.2, seed=0)
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
@@ -186,15 +187,17 @@ def main():
               f"{args.volumes} volumes timed after {args.warmup} warm-up batches")
         res = {}
         for method in PIPELINES:
+            env = dict(os.environ, FVLM_TUNE_MALLOC="0" if method.endswith("glibc_default") else "1")
             out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", tmp,
                                   "--volumes", str(args.volumes), "--warmup", str(args.warmup)],
-                                 check=True, capture_output=True, text=True)
+                                 check=True, capture_output=True, text=True, env=env)
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
 
     print()
     print(f"{'pipeline':<34}{'vol/s':>8}{'vol/CPU-s':>11}{'cores used':>11}{'MiB/volume':>12}{'peak RSS MiB':>14}"
           "  batch")
-    names = {"ours_none": "ours (uint8 raw, tfdata)", "ours_zlib": "ours (uint8 zlib, tfdata)",
+    names = {"ours_none": "ours (uint8 raw, tfdata)", "ours_none_glibc_default": "  same, glibc malloc defaults",
+             "ours_zlib": "ours (uint8 zlib, tfdata)",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
         print(f"{names[m]:<34}{r['n'] / r['wall']:>8.1f}{r['n'] / r['cpu']:>11.1f}{r['cpu'] / r['wall']:>11.2f}"
@@ -204,7 +207,8 @@ def main():
     print(f"record bytes per volume: ours raw {size['ours_none'] / args.k / 2**20:.2f} MiB, ours zlib "
           f"{size['ours_zlib'] / args.k / 2**20:.2f} MiB, naive {size['naive'] / args.k / 2**20:.2f} MiB")
     print(f"ratio per CPU-second: ours raw / naive {best / per_cpu['naive']:.2f}x, ours zlib / naive "
-          f"{per_cpu['ours_zlib'] / per_cpu['naive']:.2f}x; target >= 50 volumes per CPU-second: "
+          f"{per_cpu['ours_zlib'] / per_cpu['naive']:.2f}x; malloc tuning "
+          f"{best / per_cpu['ours_none_glibc_default']:.2f}x; target >= 50 volumes per CPU-second: "
           f"{'met' if best >= 50 else 'NOT met'} ({best:.1f})")
     me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"peak RSS: this process {me:.0f} MiB; children: writer {size['rss_kb'] / 1024:.0f} MiB, largest child "
