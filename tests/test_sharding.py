@@ -37,6 +37,26 @@ SCRIPT = textwrap.dedent("""
         losses = [float(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s))["loss"]) for s in range(steps)]
         return trainer, cfg, losses
 
+    # The shard_map loss and its gradients equal the pure function's on every mesh (batch over data x fsdp).
+    import jax.numpy as jnp
+    from fvlm_jax import losses
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(2, 3, 16, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    normal = rng.random((3, 16)) < 0.5
+    meta = dict(valid=rng.random((3, 16)) < 0.8, normal=normal, text_id=rng.integers(0, 5, (3, 16)),
+                disease=(rng.random((3, 16, 4)) < 0.5) & ~normal[..., None], temperature=0.1)
+    ref = jax.value_and_grad(lambda i, t: losses.anatomy_contrastive_loss(i, t, **meta), argnums=(0, 1))(*emb)
+    grad_err = {}
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        m = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        with jax.set_mesh(m):
+            got = jax.jit(jax.value_and_grad(lambda i, t, m=m: losses.sharded_anatomy_contrastive_loss(
+                i, t, mesh=m, **meta), argnums=(0, 1)))(*emb)
+        np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-6)
+        grad_err[str(shape)] = max(float(jnp.abs(a - b).max()) for a, b in zip(got[1], ref[1]))
+    assert max(grad_err.values()) < 1e-5, grad_err
+
     out, specs = {}, {}
     for method, mesh, impl, accum in [
             ("fvlm", (1, 1, 1), "gspmd", 1), ("fvlm", (8, 1, 1), "gspmd", 1), ("fvlm", (2, 4, 1), "gspmd", 1),
