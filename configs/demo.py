@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.threshold_split = "valid"  # per-task thresholds are chosen here, never on the reported split
     c.data.eval_split = "test"
     c.data.num_shards = 4
+    c.data.strict = False  # true: any rejected input fails the preparation (after rejects.jsonl is written)
+    c.data.use_metadata = True  # CT-RATE: geometry and HU from metadata/*.csv instead of the NIfTI header
+    c.data.decomposition_dir = ""  # folder with fVLM's desc_info.json / conc_info.json (empty: built-in splitter)
     c.data.workers = 2
     # "local": a process pool of data.workers on this machine. "beam": the image work as an Apache Beam pipeline
     # with the pipeline options in data.beam_options (see README, "Preparing on a cluster").

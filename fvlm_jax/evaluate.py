@@ -31,13 +31,15 @@ def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None
     """
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def enc(state, image, labels):
+    def encode(state, image, labels):
         with sharding.axis_rules(rules or sharding.DEFAULT_RULES):
             return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
 
     if mesh is None:
+        enc = jax.jit(encode)
         return lambda image, labels: enc(state, image, labels)
+    # Replicated outputs: every process can read the embeddings back, also when the mesh spans several hosts.
+    enc = jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
     spec = sharding.logical_to_spec(("batch",), rules or sharding.DEFAULT_RULES)
     shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(spec))]))
 

@@ -21,10 +21,10 @@ def tune_malloc() -> bool:
     """Keep glibc from mmap-ing (and page-faulting in) a fresh buffer for every decoded volume.
 
     glibc serves allocations above its mmap threshold with new mappings, so each ~10 MB volume buffer costs page
-    faults on first touch and munmap on release: a third of the input pipeline's CPU time at 112 x 256 x 352.
-    Raising the threshold to glibc's maximum (32 MiB) and the trim threshold lets freed buffers be reused from the
-    heap (bench/input_pipeline.py: 28.7 -> about 38 volumes per CPU-second). Host memory stays bounded by the
-    pipeline's buffers; it is just not handed back to the OS between batches. No-op off glibc.
+    faults on first touch and munmap on release. Raising the threshold to glibc's maximum (32 MiB) and the trim
+    threshold lets freed buffers be reused from the heap (bench/input_pipeline.py: 28.3 -> 32.7 volumes per
+    CPU-second in the same run). Host memory stays bounded by the pipeline's buffers; it is just not handed back to
+    the OS between batches. No-op off glibc.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or os.environ.get("FVLM_TUNE_MALLOC", "1") == "0":  # FVLM_TUNE_MALLOC=0 switches it off

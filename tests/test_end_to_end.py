@@ -62,3 +62,19 @@ def test_train_eval_export_and_resume(prepared_demo):
 def test_bad_config_value_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match="must be divisible by model.vision.patch_zyx"):
         run_cli(tmp_path, "--mode=prepare", "--config.model.input_zyx=(30, 48, 64)")
+
+
+def test_every_documented_data_override_exists():
+    """Overrides the README tells users to pass must be config fields (ml_collections rejects unknown ones)."""
+    import re
+    from pathlib import Path
+
+    from configs import demo
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cfg = demo.get_config()
+    for dotted in sorted(set(re.findall(r"--config\.([a-z_]+(?:\.[a-z_]+)+)=", readme))):
+        node = cfg
+        for part in dotted.split("."):
+            assert part in node, f"--config.{dotted} is in the README but not in configs/demo.py"
+            node = node[part]
