@@ -1,5 +1,5 @@
 """Two processes on localhost (CPU, gloo collectives) each feed half of the global batch and get the losses of
-the single-process run."""
+the single-process run; evaluation on the two-process mesh gives every process the single-process embeddings."""
 
 import os
 import socket
@@ -29,6 +29,13 @@ SCRIPT = textwrap.dedent("""
         batch = synthetic.random_batch(cfg, cfg.train.batch_size, seed=step)
         mine = {k: v[proc_id * local:(proc_id + 1) * local] for k, v in batch.items()}  # this host's slice
         losses.append(float(trainer.train_step(mine)["loss"]))
+    # Evaluation on the same mesh: every process passes the whole batch and reads back all the embeddings.
+    from fvlm_jax import evaluate
+    import numpy as np
+    b = synthetic.random_batch(cfg, cfg.train.batch_size, seed=9)
+    emb = np.asarray(evaluate.image_encoder(trainer.model(), trainer.mesh, cfg.sharding.rules)(b["image"],
+                                                                                                b["labels"])[0])
+    losses.append(float(np.abs(emb).sum()))
     print("LOSSES", losses)
 """)
 
