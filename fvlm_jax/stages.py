@@ -123,9 +123,9 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     prompts = tok.encode([p for t in tasks for p in (t[2], t[3])], cfg.prep.text_len).reshape(len(tasks), 2, -1)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     summary, results = {}, {}
+    mesh = train.make_mesh(cfg)
     for method in cfg.train.methods:
         model = train.restore_params(cfg, method, train_dir(workdir, method))
-        mesh = train.make_mesh(cfg)
         index = [0 if method == "clip" else anatomies.index(t[0]) for t in tasks]
         prompt_emb = evaluate.prompt_embeddings(model, prompts)
         temp = float(model.temp())

@@ -146,9 +146,11 @@ class Trainer:
             params = nnx.state(create_model(cfg, method), nnx.Param)
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-        abstract = nnx.eval_shape(lambda: create_model(cfg, method))
-        self.graphdef = nnx.graphdef(abstract)
-        self.state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, self.rules)
+        # One abstract model gives both the graph definition and the state's shapes and logical axes.
+        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
+        abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        self.state_sharding = sharding.state_shardings(abstract_state, mesh, self.rules)
         self.replicated = NamedSharding(mesh, P())
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
