@@ -2,13 +2,16 @@
 
 Run: python bench/input_pipeline.py [--k 16] [--volumes 100]
 
-Writes K prepared examples (uint8 image + labels, smooth body with anatomy boxes and a little noise so zlib sees a
-realistic ratio) through `records.ShardedWriter` / `records.write_metadata`, then iterates
-`input_pipeline.tfdata.train_batches` (batch 2, crop 112 x 256 x 352, flip 0.2) unchanged except that tf.data is
-pinned to one private thread (applied by a wrapper around `as_numpy_iterator`). The naive baseline stores raw int16
-HU volumes uncompressed in tf.train.Example bytes, parses them, windows to float32 on the host and crops/flips with
-the same `tfdata.random_crop_flip`. Each pipeline runs in its own worker process (own peak RSS). Volumes per
-CPU-second (process user + sys) is the per-core figure. A benchmark that prints figures, not a test.
+Writes K prepared examples (uint8 image + 4-bit packed labels of 4 anatomies, smooth body with anatomy boxes and a
+little noise so zlib sees a realistic ratio) through `records.ShardedWriter` / `records.write_metadata`, then
+iterates `input_pipeline.tfdata.train_batches` (batch 2, crop 112 x 256 x 352, flip 0.2) unchanged except that
+tf.data is pinned to one private thread (applied by a wrapper around `as_numpy_iterator`). Ours crops on the host
+and leaves unpacking and flips to the accelerator (`fvlm_jax.augment.finish_on_device`, inside the train step);
+the row "+ finish on this CPU" also runs that jitted finish on the CPU backend, the whole cost on a host without an
+accelerator. The naive baseline stores raw int16 HU volumes and uint8 labels uncompressed in tf.train.Example
+bytes, parses them, crops and flips both on the host (`naive_crop_flip`) and windows to float32. Each pipeline runs
+in its own worker process (own peak RSS). Volumes per CPU-second (process user + sys) is the per-core figure. A
+benchmark that prints figures, not a test.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ SIZE_ZYX = (112, 256, 352)
 STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
-PIPELINES = ("ours_none", "ours_none_glibc_default", "ours_zlib", "naive")
+PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_zlib", "naive")
 
 
 def make_volume(rng, shape):
@@ -63,13 +66,14 @@ def make_volume(rng, shape):
 
 
 def write_ours(folder, k, rng, encoding):
+    from fvlm_jax import augment
     from input_pipeline import records
     os.makedirs(folder, exist_ok=True)
     spec = records.features(4, 18, 128, 512, 16, encoding)
     w = records.ShardedWriter(folder, "train", 4, spec)
     for i in range(k):
         _, image, labels = make_volume(rng, STORED_ZYX)
-        w.write({"id": f"synthetic_{i}", "image": image, "labels": labels,
+        w.write({"id": f"synthetic_{i}", "image": image, "labels_packed": augment.pack_labels(labels, 2),
                  "text_tokens": rng.integers(0, 1000, (4, 128), dtype=np.int32), "has_text": np.ones(4, bool),
                  "normal": rng.random(4) < 0.5, "disease": rng.random((4, 18)) < 0.1,
                  "text_id": np.arange(4, dtype=np.int32), "report_tokens": rng.integers(0, 1000, 512, dtype=np.int32),
@@ -110,10 +114,22 @@ def one_thread():
         tf.data.Dataset.as_numpy_iterator = original
 
 
+def naive_crop_flip(image, labels, seed):
+    """The usual host augmentation: one random crop, then a reverse of both volumes per flipped axis."""
+    import tensorflow as tf
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    room = tf.shape(image, out_type=tf.int32) - SIZE_ZYX + 1
+    offset = tf.random.stateless_uniform([3], seed=seeds[0], minval=0, maxval=2**30, dtype=tf.int32) % room
+    image, labels = tf.slice(image, offset, SIZE_ZYX), tf.slice(labels, offset, SIZE_ZYX)
+    for axis in range(3):
+        flip = tf.random.stateless_uniform([], seed=seeds[axis + 1]) < 0.2
+        image, labels = tf.cond(flip, lambda i=image, lb=labels, a=axis: (tf.reverse(i, [a]), tf.reverse(lb, [a])),
+                                lambda i=image, lb=labels: (i, lb))
+    return image, labels
+
+
 def naive_batches(path, seed):
     import tensorflow as tf
-
-    from input_pipeline import tfdata
     desc = {"image": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.FixedLenFeature([], tf.string),
             "shape": tf.io.FixedLenFeature([3], tf.int64)}
     lo, hi = HU_WINDOW
@@ -122,10 +138,9 @@ def naive_batches(path, seed):
         ex = tf.io.parse_single_example(serialized, desc)
         image = tf.reshape(tf.io.decode_raw(ex["image"], tf.int16), ex["shape"])
         labels = tf.reshape(tf.io.decode_raw(ex["labels"], tf.uint8), ex["shape"])
-        image, labels = tfdata.random_crop_flip(image, tf.cast(labels, tf.int16), list(SIZE_ZYX), 0.2,
-                                                tf.stack([tf.constant(seed, tf.int64), i]))
+        image, labels = naive_crop_flip(image, labels, tf.stack([tf.constant(seed, tf.int64), i]))
         image = tf.clip_by_value((tf.cast(image, tf.float32) - lo) / (hi - lo), 0.0, 1.0)
-        return {"image": image, "labels": tf.cast(labels, tf.uint8)}
+        return {"image": image, "labels": labels}
 
     ds = tf.data.TFRecordDataset([path]).shuffle(512, seed=seed).repeat().enumerate()
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -136,19 +151,32 @@ def worker(method, folder, volumes, warmup):
     import tensorflow as tf  # noqa: F401  (import outside the timed region)
 
     from input_pipeline import tfdata
+    finish = None
+    if method.endswith("cpu_finish"):
+        import jax
+
+        from fvlm_jax import augment
+        finish = jax.jit(lambda b: augment.finish_on_device(b, SIZE_ZYX[2]))
     with one_thread():
         if method.startswith("ours"):
-            records_dir = os.path.join(folder, method.replace("_glibc_default", ""))
+            records_dir = os.path.join(folder, method.replace("_glibc_default", "").replace("_cpu_finish", ""))
             it = tfdata.train_batches(records_dir, "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
                                       flip_prob=0.2, seed=0)
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
+
+        def get():
+            b = next(it)
+            if finish is not None:
+                b = jax.block_until_ready(finish({k: b[k] for k in ("image", "labels_packed", "label_shift", "flip")}))
+            return b
+
         for _ in range(warmup):
-            batch = next(it)
+            batch = get()
         t0, c0 = time.perf_counter(), os.times()
         n = 0
         while n < volumes:
-            batch = next(it)
+            batch = get()
             n += batch["image"].shape[0]
         t1, c1 = time.perf_counter(), os.times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system)
@@ -169,6 +197,7 @@ def main():
         size = {f"ours_{e}": write_ours(os.path.join(args.dir, f"ours_{e}"), args.k, rng, e) for e in ("none", "zlib")}
         size["naive"] = write_naive(args.dir, args.k, rng)
         size["ours_none_glibc_default"] = size["ours_none"]  # same records, read without the malloc tuning
+        size["ours_none_cpu_finish"] = size["ours_none"]
         print(json.dumps({**size, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
         return
     if args.worker:
@@ -198,6 +227,7 @@ def main():
     print(f"{'pipeline':<34}{'vol/s':>8}{'vol/CPU-s':>11}{'cores used':>11}{'MiB/volume':>12}{'peak RSS MiB':>14}"
           "  batch")
     names = {"ours_none": "ours (uint8 raw, tfdata)", "ours_none_glibc_default": "  same, glibc malloc defaults",
+             "ours_none_cpu_finish": "  + finish on this CPU (jax)",
              "ours_zlib": "ours (uint8 zlib, tfdata)",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():

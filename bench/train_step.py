@@ -79,7 +79,8 @@ def main():
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
     trainer = train.Trainer(cfg, args.method, train.make_mesh(cfg))
-    batches = [synthetic.random_batch(cfg, args.batch, seed=i) for i in range(2)]
+    # The training input's form: packed labels and flips, finished on the device inside the step.
+    batches = [synthetic.random_batch(cfg, args.batch, seed=i, packed=True) for i in range(2)]
     if args.memory_only:
         t0 = time.perf_counter()
         with jax.set_mesh(trainer.mesh):

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fvlm_jax import losses, sharding
+from fvlm_jax import augment, losses, sharding
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.sharding import make_mesh  # noqa: F401  (re-exported: train.make_mesh(cfg))
 
@@ -161,8 +161,12 @@ class Trainer:
         num_micro = int(cfg.train.get("grad_accum_steps", 1))
         batch_spec = self.batch_spec
 
+        width = int(cfg.model.input_zyx[2])
+
         def step_fn(state, batch):
             with sharding.axis_rules(rules):
+                if "labels_packed" in batch:  # tf.data batches: unpack the labels and flip on the device
+                    batch = augment.finish_on_device(batch, width)
                 if num_micro > 1:
                     (loss, aux), grads = accumulated_value_and_grad(
                         graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec)

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from fvlm_jax import augment
 from input_pipeline import preprocess, records, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
@@ -296,6 +297,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     # 4. Records, in input order, from the cache.
     spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns),
                             p.get("volume_encoding", "none"))
+    k = augment.packing_factor(len(anatomies))
     split_infos, stats = [], {"splits": {}, "anatomies": anatomies}
     for split in splits:
         for old in glob.glob(os.path.join(out_dir, f"{records.DATASET_NAME}-{split}.{records.FILE_FORMAT}-*")):
@@ -315,7 +317,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             disease = np.array([[d in parts[a].diseases if a in parts else False for d in diseases]
                                 for a in anatomies], bool).reshape(len(anatomies), len(diseases))
             writer.write({
-                "id": s.id, "image": out["image"], "labels": out["labels"],
+                "id": s.id, "image": out["image"], "labels_packed": augment.pack_labels(out["labels"], k),
                 "text_tokens": tok.encode(row_texts, p.text_len), "has_text": has_text, "normal": normal,
                 "disease": disease,
                 "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),

@@ -19,6 +19,10 @@ def features(num_anatomies: int, num_diseases: int, text_len: int, report_len: i
              volume_encoding: str = "none"):
     """The tfds feature spec of one prepared scan. Volumes are uint8 (window mapped to 0..255).
 
+    `labels_packed` is the anatomy index map (0 background, a + 1 for anatomy a) bit-packed along x as
+    `fvlm_jax.augment.pack_labels` describes, with `augment.packing_factor(num_anatomies)` voxels per byte;
+    `augment.unpack_labels(ex["labels_packed"], k, ex["image"].shape[2])` restores it.
+
     volume_encoding "none" stores them as raw bytes (fastest input pipeline); "zlib" makes records about 3.6x
     smaller at about 3x the decoding CPU time (bench/input_pipeline.py). The choice is kept in the records'
     metadata, so readers need not know it.
@@ -30,7 +34,7 @@ def features(num_anatomies: int, num_diseases: int, text_len: int, report_len: i
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(),
         "image": t(shape=(None, None, None), dtype=np.uint8, encoding=enc),
-        "labels": t(shape=(None, None, None), dtype=np.uint8, encoding=enc),
+        "labels_packed": t(shape=(None, None, None), dtype=np.uint8, encoding=enc),
         "text_tokens": t(shape=(num_anatomies, text_len), dtype=np.int32),
         "has_text": t(shape=(num_anatomies,), dtype=np.bool_),
         "normal": t(shape=(num_anatomies,), dtype=np.bool_),

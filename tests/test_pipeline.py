@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
+from fvlm_jax import augment
 from input_pipeline import tfdata
 
 
@@ -14,7 +16,10 @@ def test_records_read_through_tfds(prepared_demo):
     builder = tfds.builder_from_directory(str(rdir))
     assert {s: builder.info.splits[s].num_examples for s in ("train", "valid", "test")} == manifest["splits"]
     ex = next(iter(builder.as_dataset(split="train").take(1)))
-    image, labels = ex["image"].numpy(), ex["labels"].numpy()
+    image, packed = ex["image"].numpy(), ex["labels_packed"].numpy()
+    k = augment.packing_factor(len(manifest["anatomies"]))
+    assert k == 2 and packed.shape == (*image.shape[:2], (image.shape[2] - 1) // 2 + 2)  # 4 anatomies: 4 bits each
+    labels = augment.unpack_labels(packed, k, image.shape[2])
     assert image.dtype == np.uint8 and labels.shape == image.shape and image.max() > 200
     assert set(np.unique(labels)) <= set(range(len(manifest["anatomies"]) + 1))
     assert ex["text_tokens"].shape == (len(manifest["anatomies"]), 48)
@@ -37,7 +42,8 @@ def test_train_batches_deterministic_and_resumable(prepared_demo):
     for x, y in zip(a[3:], resumed):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    assert a[0]["image"].shape == (4, 32, 48, 64) and a[0]["labels"].dtype == np.uint8
+    assert a[0]["image"].shape == (4, 32, 48, 64) and a[0]["labels_packed"].shape == (4, 32, 48, 33)
+    assert a[0]["flip"].shape == (4, 3) and a[0]["label_shift"].shape == (4,)
     assert not np.array_equal(a[0]["image"], a[1]["image"])
 
 
@@ -70,37 +76,45 @@ def test_epochs_visit_every_example_once_and_resume_across_epochs(prepared_demo)
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_crop_flip_moves_image_and_labels_together():
+def _crop(image, labels, size, k, seed):
+    """Host crop (tfdata.random_crop on packed labels) + device finish (augment.finish_on_device), one sample."""
     import tensorflow as tf
 
+    im, packed, shift, flip = tfdata.random_crop(tf.constant(image), tf.constant(augment.pack_labels(labels, k)),
+                                                 list(size), k, 0.5, tf.constant(seed, tf.int64))
+    out = augment.finish_on_device({"image": im.numpy()[None], "labels_packed": packed.numpy()[None],
+                                    "label_shift": np.array([shift.numpy()]), "flip": flip.numpy()[None]}, size[2])
+    return np.asarray(out["image"][0]), np.asarray(out["labels"][0])
+
+
+def test_crop_flip_moves_image_and_labels_together():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (10, 12, 14), dtype=np.uint8)
     labels = (image // 64).astype(np.uint8)
     for s in range(5):
-        im, lb = tfdata.random_crop_flip(tf.constant(image), tf.constant(labels), [8, 12, 16], 0.5,
-                                         tf.constant([s, 1], tf.int64))
-        im, lb = im.numpy(), lb.numpy()
-        assert im.shape == (8, 12, 16)
+        im, lb = _crop(image, labels, (8, 12, 16), 2, [s, 1])
+        assert im.shape == lb.shape == (8, 12, 16)
         real = im > 0
         np.testing.assert_array_equal(lb[real], im[real] // 64)
 
 
-def test_crop_flip_is_a_flipped_window_of_the_padded_volume():
-    """Against a brute-force NumPy search: every output is one window of the zero-padded volume, flipped on some axes;
-    over many seeds every offset along an axis with room and every flip pattern occurs."""
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("size", [(4, 7, 6), (4, 3, 12)])
+def test_crop_flip_is_a_flipped_window_of_the_padded_volume(k, size):
+    """Against a brute-force NumPy search: every output of the host crop + device finish is one window of the
+    zero-padded volume, flipped on some axes; over many seeds every offset along an axis with room and every flip
+    pattern occurs. Both packed label layouts of odd crops (shift 1..k-1) and padding along the packed x axis."""
     import itertools
-
-    import tensorflow as tf
 
     rng = np.random.default_rng(1)
     image = rng.integers(1, 255, (6, 5, 9), dtype=np.uint8)
-    labels = rng.integers(0, 4, (6, 5, 9), dtype=np.uint8)
-    size = (4, 7, 6)  # y is padded (5 -> 7: one zero row before, one after); z and x are cropped
-    padded = [np.pad(a, ((0, 0), (1, 1), (0, 0))) for a in (image, labels)]
+    labels = rng.integers(0, 2 ** (8 // k), (6, 5, 9), dtype=np.uint8)
+    pad = [max(c - n, 0) for c, n in zip(size, image.shape)]
+    before = [pad[0] // 2, pad[1] // 2, pad[2] // 2 // k * k]  # x padding keeps packed bytes aligned
+    padded = [np.pad(a, [(b, p - b) for b, p in zip(before, pad)]) for a in (image, labels)]
     seen_offsets, seen_flips = set(), set()
     for s in range(60):
-        im, lb = (t.numpy() for t in tfdata.random_crop_flip(tf.constant(image), tf.constant(labels), list(size), 0.5,
-                                                             tf.constant([s, 7], tf.int64)))
+        im, lb = _crop(image, labels, size, k, [s, 7])
         matches = []
         for off in itertools.product(*(range(p - c + 1) for p, c in zip(padded[0].shape, size))):
             window = [a[tuple(slice(o, o + c) for o, c in zip(off, size))] for a in padded]
@@ -112,8 +126,25 @@ def test_crop_flip_is_a_flipped_window_of_the_padded_volume():
         assert len(matches) == 1, (s, matches)
         seen_offsets.add(matches[0][0])
         seen_flips.add(matches[0][1])
-    assert {o[0] for o in seen_offsets} == {0, 1, 2} and {o[2] for o in seen_offsets} == {0, 1, 2, 3}
+    for axis in range(3):
+        assert {o[axis] for o in seen_offsets} == set(range(padded[0].shape[axis] - size[axis] + 1))
     assert len(seen_flips) == 8
+
+
+def test_pack_unpack_round_trip_and_factor():
+    rng = np.random.default_rng(2)
+    assert [augment.packing_factor(a) for a in (1, 3, 4, 15, 16, 255)] == [8, 4, 2, 2, 1, 1]
+    with pytest.raises(ValueError):
+        augment.packing_factor(256)
+    for a in (1, 3, 4, 16):
+        k = augment.packing_factor(a)
+        for x in (1, 2, 7, 8, 9, 33):
+            lab = rng.integers(0, a + 1, (3, 2, x), dtype=np.uint8)
+            packed = augment.pack_labels(lab, k)
+            assert packed.shape == (3, 2, (x - 1) // k + 2)
+            np.testing.assert_array_equal(augment.unpack_labels(packed, k, x), lab)
+            for shift in range(min(k, x)):  # a window starting inside the first byte
+                np.testing.assert_array_equal(augment.unpack_labels(packed, k, x - shift, shift), lab[..., shift:])
 
 
 def test_eval_batches_pad_last_batch(prepared_demo):

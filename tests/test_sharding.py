@@ -34,7 +34,9 @@ SCRIPT = textwrap.dedent("""
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
         cfg.loss.impl, cfg.train.grad_accum_steps = impl, accum
         trainer = train.Trainer(cfg, method, train.make_mesh(cfg))
-        losses = [float(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s))["loss"]) for s in range(steps)]
+        # The training input's form: packed labels and flips, finished on the device inside the sharded step.
+        losses = [float(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s, packed=True))["loss"])
+                  for s in range(steps)]
         return trainer, cfg, losses
 
     # The shard_map loss and its gradients equal the pure function's on every mesh (batch over data x fsdp).

@@ -13,14 +13,21 @@ import tensorflow_datasets as tfds
 from conftest import manifest_config, phantom_ct
 
 from configs import demo
+from fvlm_jax import augment
 from input_pipeline import ct_rate, demo_data, prepare, preprocess, sources
 
 FINDINGS = "Mild emphysema in both lungs. The liver is normal."
 
 
 def _examples(out, split="train"):
-    ds = tfds.builder_from_directory(str(out)).as_dataset(split=split)
-    return {e["id"].decode(): e for e in ds.as_numpy_iterator()}
+    """Records read through tfds, with the packed labels unpacked into "labels"."""
+    builder = tfds.builder_from_directory(str(out))
+    k = augment.packing_factor(builder.info.features["text_tokens"].shape[0])
+    examples = {}
+    for e in builder.as_dataset(split=split).as_numpy_iterator():
+        e["labels"] = augment.unpack_labels(e["labels_packed"], k, e["image"].shape[2])
+        examples[e["id"].decode()] = e
+    return examples
 
 
 def _write_csv(path, rows):
