@@ -7,8 +7,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fvlm_jax import augment
 from configs import demo
+from fvlm_jax import augment
 from input_pipeline import prepare
 
 
