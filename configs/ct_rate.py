@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # files (~8 GiB) to reach its step.
     c.data.shuffle_buffer = 128
     c.data.block_files = 8
+    c.data.reconstructions = "one_per_epoch"  # the reference: one sample = one scan with a random reconstruction
 
     c.prep.anatomies = ANATOMIES
     c.prep.spacing_xyz = (1.0, 1.0, 3.0)
@@ -64,8 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = True
 
     c.train.batch_size = 56
-    # The reference's 20 epochs x 377 steps. Its epoch is one random reconstruction per scan (about 21k); here every
-    # reconstruction is a sample, so this budget is about 9 passes over CT-RATE's ~47k training volumes.
+    # The reference's 20 epochs x 377 steps; an epoch is one random reconstruction of each scan (data.reconstructions).
     c.train.steps = 7540
     c.train.learning_rate = 1e-4
     c.train.init_learning_rate = 1e-6

@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # block to reach its step. Host memory holds about shuffle_buffer serialized records.
     c.data.shuffle_buffer = 512
     c.data.block_files = 8
+    # "all": every record each epoch; "one_per_epoch": one reconstruction of each scan per epoch, drawn afresh each
+    # epoch (scans are grouped by CT-RATE's volume names, train_1_a_1 and train_1_a_2 -> train_1_a).
+    c.data.reconstructions = "all"
 
     c.prep = ml_collections.ConfigDict()
     c.prep.class_table = "total"  # TotalSegmentator "total" (v2) or "total_v1"

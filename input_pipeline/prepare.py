@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fvlm_jax import augment
-from input_pipeline import preprocess, records, report_split, sources
+from input_pipeline import ct_rate, preprocess, records, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -341,6 +341,9 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             "volume_shape_zyx_max": np.max(shapes, 0).tolist() if shapes else None,
         }
     records.write_metadata(out_dir, spec, split_infos, "fVLM prepared CT scans and anatomy texts")
+    with open(os.path.join(out_dir, records.RECONSTRUCTIONS_FILE), "w") as f:
+        json.dump({split: records.reconstruction_table([s.id for s in scans[split]], ct_rate.scan_key)
+                   for split in splits}, f)
 
     lengths = tok.lengths(train_texts[: len(train_texts) - len(train_scans)])
     report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in train_scans])

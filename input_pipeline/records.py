@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -71,6 +72,30 @@ class ShardedWriter:
         num_bytes = sum(os.path.getsize(p) for p in self.paths)
         return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes,
                                    filename_template=file_template(os.path.dirname(self.paths[0]), self.split))
+
+
+RECONSTRUCTIONS_FILE = "reconstructions.json"
+
+
+def reconstruction_table(ids: list[str], scan_of) -> dict:
+    """Which records are reconstructions of the same scan, in write order: {"group", "index", "count"} lists.
+
+    group: a 31-bit hash of the scan (`scan_of(id)`), index: the record's rank among its scan's reconstructions
+    (by id), count: how many the scan has. The training stream uses it to take one reconstruction per scan and
+    epoch (`tfdata.train_batches(reconstructions="one_per_epoch")`).
+    """
+    scans = [scan_of(i) for i in ids]
+    members: dict[str, list[str]] = {}
+    for i, scan in zip(ids, scans):
+        members.setdefault(scan, []).append(i)
+    rank = {i: r for m in members.values() for r, i in enumerate(sorted(m))}
+    return {"group": [zlib.crc32(scan.encode()) & 0x7FFFFFFF for scan in scans], "index": [rank[i] for i in ids],
+            "count": [len(members[scan]) for scan in scans]}
+
+
+def shard_rows(num_records: int, num_shards: int) -> list[list[int]]:
+    """The write-order numbers of the records in each shard file, in file order (ShardedWriter's round robin)."""
+    return [list(range(f, num_records, num_shards)) for f in range(num_shards)]
 
 
 def file_template(records_dir: str, split: str | None = None) -> tfds.core.ShardedFileTemplate:

@@ -8,6 +8,7 @@ anatomy labels still bit-packed, plus the flips to apply: the train step finishe
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from collections.abc import Iterator
 
@@ -110,12 +111,49 @@ def epoch_blocks(n_files: int, block_files: int, seed: int, epoch: int) -> list[
     return [perm[i:i + block_files] for i in range(0, n_files, block_files)]
 
 
+M31 = 2**31 - 1
+
+
+def reconstruction_choice(group, seed: int, epoch, count):
+    """Which reconstruction (0 .. count - 1) of scan `group` epoch `epoch` trains on: a seeded integer hash.
+
+    Only +, * and % on non-negative int64 values below 2**52, so NumPy arrays and TF tensors give the same answer
+    (the training stream filters in-graph; `resume_point` counts on the host).
+    """
+    x = (group + (seed % M31) * 1_000_003 % M31 + epoch * 7_919) % M31
+    for _ in range(3):  # Park-Miller steps mix the sum
+        x = x * 48_271 % M31
+    return x % count
+
+
+def kept_per_file(table: dict, rows: list[list[int]], seed: int, epoch: int) -> list[int]:
+    """Records of each file that epoch `epoch` keeps when it takes one reconstruction per scan."""
+    group, index, count = (np.asarray(table[k], np.int64) for k in ("group", "index", "count"))
+    keep = reconstruction_choice(group, seed, epoch, count) == index
+    return [int(keep[r].sum()) for r in rows]
+
+
 def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[int, int, int]:
     """(epoch, block, offset in the block) of example number `consumed` of the stream, from the record counts per
-    file alone: resuming reads nothing before the block it lands in, however late the step."""
-    epoch, rest = divmod(consumed, sum(lengths))
-    for b, files in enumerate(epoch_blocks(len(lengths), block_files, seed, epoch)):
-        n = int(sum(lengths[i] for i in files))
+    file alone: resuming reads nothing before the block it lands in, however late the step.
+
+    lengths: records per file, or a function epoch -> records per file kept that epoch (one reconstruction per
+    scan keeps a different subset each epoch).
+    """
+    if callable(lengths):
+        epoch, rest, empty = 0, consumed, 0
+        while rest >= (n := sum(lengths(epoch))):
+            empty = empty + 1 if n == 0 else 0
+            if empty > 1000:
+                raise ValueError("1000 epochs in a row keep no record of these files")
+            rest -= n
+            epoch += 1
+        per_file = lengths(epoch)
+    else:
+        epoch, rest = divmod(consumed, sum(lengths))
+        per_file = lengths
+    for b, files in enumerate(epoch_blocks(len(per_file), block_files, seed, epoch)):
+        n = int(sum(per_file[i] for i in files))
         if rest < n:
             return epoch, b, rest
         rest -= n
@@ -124,7 +162,7 @@ def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[i
 
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1, reconstructions: str = "all") -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
@@ -132,16 +170,38 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     (seeded per block). Order and augmentation depend only on (seed, example counter), so a run resumed at any
     step sees exactly the batches of an uninterrupted run, and it reads at most one block to get there (the block
     is found from the record counts in the metadata; earlier blocks and epochs are not read).
+
+    reconstructions: "all" trains on every record each epoch; "one_per_epoch" on one reconstruction of each scan
+    (CT-RATE has about two per scan), chosen afresh each epoch by `reconstruction_choice` (the reference's "one
+    sample = one scan with a random reconstruction"). The others are read and dropped before decoding.
     """
+    if reconstructions not in ("all", "one_per_epoch"):
+        raise ValueError(f"reconstructions={reconstructions!r}: choose 'all' or 'one_per_epoch'")
     tune_malloc()
     info = records.load_builder(records_dir).info
     spec = info.features
-    files = records.split_files(records_dir, split)[process_index::process_count]
+    all_files = records.split_files(records_dir, split)
+    files = all_files[process_index::process_count]
     lengths = list(info.splits[split].shard_lengths[process_index::process_count])
     if not sum(lengths):
         # An endless stream over no records would spin forever instead of failing.
         raise ValueError(f"process {process_index} of {process_count} gets no record of split {split!r}: prepare "
                          "with data.num_shards a multiple of the process count and at most the number of scans")
+    table = None
+    if reconstructions == "one_per_epoch":
+        path = os.path.join(records_dir, records.RECONSTRUCTIONS_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing (records prepared by fvlm-jax < 0.2): run --mode=prepare "
+                                    "again, or set data.reconstructions='all'")
+        with open(path) as f:
+            table = json.load(f)[split]
+        rows = records.shard_rows(len(table["group"]), len(all_files))[process_index::process_count]
+        if [len(r) for r in rows] != lengths:
+            raise ValueError(f"{path} does not describe the record files of split {split!r}: prepare again")
+        lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
+        pad = max(len(r) for r in rows)
+        rec = {k: tf.constant([[table[k][j] for j in r] + [1] * (pad - len(r)) for r in rows], tf.int64)
+               for k in ("group", "index", "count")}
     consumed = start_step * batch_size
     epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
 
@@ -153,8 +213,16 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         idx = _epoch_perm(len(files), seed, epoch)[b * block_files:(b + 1) * block_files]
         block_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + epoch,
                                                                     b]), minval=None, maxval=None, dtype=tf.int64)
-        ds = tf.data.Dataset.from_tensor_slices(tf.gather(names, idx)).interleave(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=0), cycle_length=block_files, block_length=1)
+        if table is None:
+            ds = tf.data.Dataset.from_tensor_slices(tf.gather(names, idx)).interleave(
+                lambda f: tf.data.TFRecordDataset(f, buffer_size=0), cycle_length=block_files, block_length=1)
+        else:  # keep the epoch's reconstruction of each scan, by (file, position) in the table
+            def one_file(i):
+                return tf.data.TFRecordDataset(names[i], buffer_size=0).enumerate().filter(
+                    lambda pos, _: reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos])
+                    == rec["index"][i, pos]).map(lambda _, r: r)
+            ds = tf.data.Dataset.from_tensor_slices(idx).interleave(one_file, cycle_length=block_files,
+                                                                   block_length=1)
         return ds.shuffle(shuffle_buffer, seed=block_seed, reshuffle_each_iteration=False)
 
     # In-graph block plan (a Python generator here costs a third of the pipeline's throughput).

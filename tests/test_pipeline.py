@@ -153,3 +153,21 @@ def test_eval_batches_pad_last_batch(prepared_demo):
     assert all(b["image"].shape == (5, 32, 48, 64) for b in batches)
     ids = [i for b in batches for i, m in zip(b["id"], b["mask"]) if m]
     assert len(set(ids)) == 12
+
+
+def test_reconstruction_table_matches_the_record_files(prepared_demo):
+    """prepare's reconstructions.json describes each record file in order (the one-per-epoch filter relies on it)."""
+    import zlib
+
+    import tensorflow as tf
+
+    from input_pipeline import ct_rate, records
+
+    rdir = str(prepared_demo / "records")
+    table = json.loads((prepared_demo / "records" / records.RECONSTRUCTIONS_FILE).read_text())["train"]
+    spec = records.load_builder(rdir).info.features
+    files = records.split_files(rdir, "train")
+    for f, rows in zip(files, records.shard_rows(len(table["group"]), len(files))):
+        ids = [spec.deserialize_example(r)["id"].numpy().decode() for r in tf.data.TFRecordDataset(f)]
+        assert [zlib.crc32(ct_rate.scan_key(i).encode()) & 0x7FFFFFFF for i in ids] == [table["group"][j] for j in rows]
+    assert set(table["count"]) == {1}  # the demo has one reconstruction per scan

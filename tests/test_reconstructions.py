@@ -1,0 +1,105 @@
+"""One reconstruction per scan and epoch (CT-RATE: train_1_a_1, train_1_a_2 are one scan): choice, stream, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fvlm_jax import augment
+from input_pipeline import ct_rate, records, tfdata
+
+SIZE = (4, 6, 8)
+
+
+def test_choice_is_the_same_in_numpy_and_tensorflow_and_spreads():
+    rng = np.random.default_rng(0)
+    group = rng.integers(0, 2**31 - 1, 500)
+    count = rng.integers(1, 5, 500)
+    for seed, epoch in ((0, 0), (3, 7), (2**40 + 5, 123_456)):
+        a = tfdata.reconstruction_choice(group, seed, epoch, count)
+        b = tfdata.reconstruction_choice(tf.constant(group, tf.int64), seed, tf.constant(epoch, tf.int64),
+                                         tf.constant(count, tf.int64)).numpy()
+        np.testing.assert_array_equal(a, b)
+        assert ((a >= 0) & (a < count)).all()
+    # Scans of two reconstructions: about half the epochs take each one, and scans do not move in lockstep.
+    two = np.full(500, 2)
+    picks = np.stack([tfdata.reconstruction_choice(group, 1, e, two) for e in range(40)])  # [epoch, scan]
+    assert 0.4 < picks.mean() < 0.6
+    lo, hi = np.quantile(picks.mean(0), [0.05, 0.95])  # per-scan frequency over 40 epochs, binomial sd ~0.08
+    assert 0.3 < lo and hi < 0.7
+    assert np.corrcoef(picks[:, 0], picks[:, 1])[0, 1] < 0.9
+
+
+def test_reconstruction_table():
+    ids = ["train_1_a_1", "train_2_a_2", "train_1_a_2", "train_2_a_1", "train_3_b_1", "hospital_scan_9"]
+    t = records.reconstruction_table(ids, ct_rate.scan_key)
+    assert t["count"] == [2, 2, 2, 2, 1, 1]
+    assert t["index"] == [0, 1, 1, 0, 0, 0]
+    assert t["group"][0] == t["group"][2] != t["group"][1] == t["group"][3]
+    assert records.shard_rows(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+@pytest.fixture(scope="module")
+def multi_recon_records(tmp_path_factory):
+    """Records of 9 scans with 1-3 reconstructions each (18 records, 3 files); report_tokens[0] = record number."""
+    out = tmp_path_factory.mktemp("recon_records")
+    ids = [f"train_{s}_a_{r}" for s in range(9) for r in range(1, 2 + s % 3)]
+    spec = records.features(4, 2, 3, 5, 1)
+    w = records.ShardedWriter(str(out), "train", 3, spec)
+    rng = np.random.default_rng(0)
+    for j, i in enumerate(ids):
+        labels = rng.integers(0, 5, SIZE, dtype=np.uint8)
+        w.write({"id": i, "image": rng.integers(0, 255, SIZE, dtype=np.uint8),
+                 "labels_packed": augment.pack_labels(labels, 2), "text_tokens": np.zeros((4, 3), np.int32),
+                 "has_text": np.ones(4, bool), "normal": np.ones(4, bool), "disease": np.zeros((4, 2), bool),
+                 "text_id": np.zeros(4, np.int32), "report_tokens": np.full(5, j, np.int32),
+                 "targets": np.zeros(1, np.int32)})
+    records.write_metadata(str(out), spec, [w.close()], "test")
+    table = records.reconstruction_table(ids, ct_rate.scan_key)
+    (out / records.RECONSTRUCTIONS_FILE).write_text(json.dumps({"train": table}))
+    return out, ids, table
+
+
+def _stream(rdir, n, **kw):
+    args = dict(batch_size=3, size_zyx=SIZE, flip_prob=0.5, seed=4, shuffle_buffer=4, block_files=2,
+                reconstructions="one_per_epoch")
+    it = tfdata.train_batches(str(rdir), "train", **(args | kw))
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_takes_one_reconstruction_per_scan_each_epoch_and_resumes(multi_recon_records):
+    rdir, ids, table = multi_recon_records
+    batches = _stream(rdir, 12)  # 36 examples = 4 epochs of 9 scans
+    order = [int(r) for b in batches for r in b["report_tokens"][:, 0]]
+    picked = []
+    for e in range(4):
+        epoch = order[9 * e: 9 * (e + 1)]
+        assert sorted(ct_rate.scan_key(ids[j]) for j in epoch) == sorted({ct_rate.scan_key(i) for i in ids})
+        choice = tfdata.reconstruction_choice(np.array(table["group"]), 4, e, np.array(table["count"]))
+        assert set(epoch) == {j for j in range(len(ids)) if choice[j] == table["index"][j]}
+        picked.append(set(epoch))
+    assert len({frozenset(p) for p in picked}) > 1  # the reconstruction changes between epochs
+    for start in (2, 5, 7):  # resumes inside and across epochs give the uninterrupted batches
+        for x, y in zip(batches[start:start + 2], _stream(rdir, 2, start_step=start)):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_all_reconstructions_by_default(multi_recon_records):
+    rdir, ids, _ = multi_recon_records
+    batches = _stream(rdir, 6, reconstructions="all")
+    assert sorted(int(r) for b in batches for r in b["report_tokens"][:, 0]) == list(range(18))
+    with pytest.raises(ValueError, match="one_per_epoch"):
+        _stream(rdir, 1, reconstructions="random")
+
+
+def test_resume_point_with_per_epoch_lengths():
+    lengths = lambda e: [2 + e % 2, 0, 3]  # noqa: E731
+    walk = []
+    for epoch in range(4):
+        per_file = lengths(epoch)
+        for b, files in enumerate(tfdata.epoch_blocks(3, 2, 9, epoch)):
+            walk += [(epoch, b, k) for k in range(sum(per_file[i] for i in files))]
+    for consumed, want in enumerate(walk):
+        assert tfdata.resume_point(lengths, 2, 9, consumed) == want
