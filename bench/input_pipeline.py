@@ -189,6 +189,8 @@ def main():
     ap.add_argument("--k", type=int, default=16, help="prepared examples written")
     ap.add_argument("--volumes", type=int, default=100, help="volumes timed after warm-up")
     ap.add_argument("--warmup", type=int, default=4, help="batches before timing")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all pipelines (alternating, so machine noise hits all); medians are printed")
     ap.add_argument("--worker", choices=(*PIPELINES, "write"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,15 +216,21 @@ def main():
         print(f"wrote {args.k} examples of {SIZE_ZYX} per pipeline in {time.perf_counter() - t0:.1f} s "
               f"({len(glob.glob(os.path.join(tmp, '*tfrecord*')))} record files); cores available "
               f"{len(os.sched_getaffinity(0))}; tf.data private thread pool 1, batch {BATCH}, flip 0.2, "
-              f"{args.volumes} volumes timed after {args.warmup} warm-up batches")
-        res = {}
-        for method in PIPELINES:
-            env = dict(os.environ, FVLM_TUNE_MALLOC="0" if method.endswith("glibc_default") else "1")
-            out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", tmp,
-                                  "--volumes", str(args.volumes), "--warmup", str(args.warmup)],
-                                 check=True, capture_output=True, text=True, env=env)
-            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+              f"{args.volumes} volumes timed after {args.warmup} warm-up batches, {args.rounds} rounds (medians below)")
+        runs = {m: [] for m in PIPELINES}
+        for _ in range(args.rounds):
+            for method in PIPELINES:
+                env = dict(os.environ, FVLM_TUNE_MALLOC="0" if method.endswith("glibc_default") else "1")
+                out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", tmp,
+                                      "--volumes", str(args.volumes), "--warmup", str(args.warmup)],
+                                     check=True, capture_output=True, text=True, env=env)
+                runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
+    def median_run(rs):  # the round with the median volumes per CPU-second (its wall time and RSS go with it)
+        return sorted(rs, key=lambda r: r["n"] / r["cpu"])[len(rs) // 2]
+
+    res = {m: median_run(rs) for m, rs in runs.items()}
+    spread = {m: [round(r["n"] / r["cpu"], 1) for r in rs] for m, rs in runs.items()}
     print()
     print(f"{'pipeline':<34}{'vol/s':>8}{'vol/CPU-s':>11}{'cores used':>11}{'MiB/volume':>12}{'peak RSS MiB':>14}"
           "  batch")
@@ -233,6 +241,8 @@ def main():
     for m, r in res.items():
         print(f"{names[m]:<34}{r['n'] / r['wall']:>8.1f}{r['n'] / r['cpu']:>11.1f}{r['cpu'] / r['wall']:>11.2f}"
               f"{size[m] / args.k / 2**20:>12.2f}{r['rss_kb'] / 1024:>14.0f}  {r['shape']} {r['dtype']}")
+    print(f"volumes per CPU-second in each of the {args.rounds} rounds: " +
+          "; ".join(f"{names[m].strip()}: {', '.join(map(str, v))}" for m, v in spread.items()))
     per_cpu = {m: r["n"] / r["cpu"] for m, r in res.items()}
     best = per_cpu["ours_none"]
     print(f"record bytes per volume: ours raw {size['ours_none'] / args.k / 2**20:.2f} MiB, ours zlib "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from fvlm_jax.sharding import constrain, logical
 
@@ -31,15 +32,52 @@ class Block(nnx.Module):
         qkv = self.qkv(self.ln1(x)).reshape(b, n, self.heads, 3, d // self.heads)
         qkv = constrain(qkv, "batch", "length", "heads", None, None)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+        y = attention(q, k, v, mask)
         x = x + self.out(y.reshape(b, n, d))
         h = constrain(jax.nn.gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
         return constrain(x + self.fc2(h), "batch", "length", "act_embed")
 
 
+def attention(q, k, v, mask=None):
+    """Softmax attention: q, k, v [B, N, H, Dh]; mask optional [B, N] bool of real key tokens. Returns [B, N, H, Dh].
+
+    On accelerators this is `jax.nn.dot_product_attention` (which may pick a fused cuDNN kernel). On XLA:CPU it is
+    the same product written out: q scaled before the logits (exact when Dh is a power of 4, as 64), float32
+    logits and softmax. The library's XLA version compiles there to full-size broadcasts and extra passes over the
+    [B, H, N, N] logits (bench/vs_pytorch.py: about 10 % of the encoder step).
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
+    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, precision=precision,
+                        preferred_element_type=f32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def matmul_2d(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """nnx.Linear's dot_general with the input flattened to [-1, n_in]: the same product.
+
+    With a [B, N, n_in] input the kernel gradient contracts two axes; XLA:CPU then transposes the output cotangent
+    and runs that product outside its fast matmul path (about 3x slower). On [B * N, n_in] it is a plain x^T @ dy.
+    Falls back to lax.dot_general for anything but a plain dense layer.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    if (lhs.ndim <= 2 or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
+            or out_sharding is not None):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    y = lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=preferred_element_type)
+    return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+
 def dense(n_in: int, n_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32, **kw) -> nnx.Linear:
     """nnx.Linear whose kernel has logical axes `axes` and whose bias has the output axis."""
+    kw.setdefault("dot_general", matmul_2d)
     return nnx.Linear(n_in, n_out, rngs=rngs, dtype=dtype, kernel_metadata=logical(*axes),
                       bias_metadata=logical(axes[1]), **kw)
 
