@@ -44,9 +44,11 @@ def pack_labels(labels: np.ndarray, k: int) -> np.ndarray:
     return parts.sum(-1).astype(np.uint8)
 
 
-def unpack_labels(packed: np.ndarray, k: int, width: int, shift: int = 0) -> np.ndarray:
-    """Packed uint8 [..., W] -> uint8 [..., width]: voxels shift .. shift + width - 1 of each packed row."""
-    packed = np.asarray(packed)
+def unpack_labels(packed, k: int, width: int, shift: int = 0):
+    """Packed uint8 [..., W] -> uint8 [..., width]: voxels shift .. shift + width - 1 of each packed row.
+
+    Operators only, so it takes NumPy arrays (records read on the host) and jax arrays (inside the train step).
+    """
     bits = 8 // k
     full = (packed[..., None] >> (bits * np.arange(k, dtype=np.uint8))) & np.uint8(2 ** bits - 1)
     return full.reshape(*packed.shape[:-1], -1)[..., shift:shift + width]
@@ -72,9 +74,7 @@ def finish_on_device(batch: dict, width: int) -> dict:
 
     packed = batch["labels_packed"]
     k = factor_from_shapes(packed.shape[-1], width)
-    bits = 8 // k
-    full = (packed[..., None] >> jnp.asarray(bits * np.arange(k), jnp.uint8)) & jnp.uint8(2 ** bits - 1)
-    full = full.reshape(*packed.shape[:-1], -1)
+    full = unpack_labels(packed, k, packed.shape[-1] * k)
 
     def one(image, labels, shift, flip):  # one sample: a single gather each (on CPU 6x faster than selects)
         zi, yi, xi = (jnp.where(f, n - 1 - jnp.arange(n), jnp.arange(n)) for f, n in zip(flip, image.shape))

@@ -24,8 +24,8 @@ def features(num_anatomies: int, num_diseases: int, text_len: int, report_len: i
     `fvlm_jax.augment.pack_labels` describes, with `augment.packing_factor(num_anatomies)` voxels per byte;
     `augment.unpack_labels(ex["labels_packed"], k, ex["image"].shape[2])` restores it.
 
-    volume_encoding "none" stores them as raw bytes (fastest input pipeline); "zlib" makes records about 3.6x
-    smaller at about 3x the decoding CPU time (bench/input_pipeline.py). The choice is kept in the records'
+    volume_encoding "none" stores them as raw bytes (fastest input pipeline); "zlib" makes records about 2.8x
+    smaller at about 4x the decoding CPU time (bench/input_pipeline.py). The choice is kept in the records'
     metadata, so readers need not know it.
     """
     if volume_encoding not in VOLUME_ENCODINGS:

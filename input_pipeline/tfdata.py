@@ -127,9 +127,9 @@ def reconstruction_choice(group, seed: int, epoch, count):
 
 
 def kept_per_file(table: dict, rows: list[list[int]], seed: int, epoch: int) -> list[int]:
-    """Records of each file that epoch `epoch` keeps when it takes one reconstruction per scan."""
-    group, index, count = (np.asarray(table[k], np.int64) for k in ("group", "index", "count"))
-    keep = reconstruction_choice(group, seed, epoch, count) == index
+    """Records of each file that epoch `epoch` keeps when it takes one reconstruction per scan (table: int64
+    arrays "group", "index", "count" in write order)."""
+    keep = reconstruction_choice(table["group"], seed, epoch, table["count"]) == table["index"]
     return [int(keep[r].sum()) for r in rows]
 
 
@@ -194,14 +194,14 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
             raise FileNotFoundError(f"{path} is missing (records prepared by fvlm-jax < 0.2): run --mode=prepare "
                                     "again, or set data.reconstructions='all'")
         with open(path) as f:
-            table = json.load(f)[split]
+            table = {key: np.asarray(v, np.int64) for key, v in json.load(f)[split].items()}
         rows = records.shard_rows(len(table["group"]), len(all_files))[process_index::process_count]
         if [len(r) for r in rows] != lengths:
             raise ValueError(f"{path} does not describe the record files of split {split!r}: prepare again")
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
         pad = max(len(r) for r in rows)
-        rec = {k: tf.constant([[table[k][j] for j in r] + [1] * (pad - len(r)) for r in rows], tf.int64)
-               for k in ("group", "index", "count")}
+        rec = {key: tf.constant(np.stack([np.pad(v[r], (0, pad - len(r)), constant_values=1) for r in rows]))
+               for key, v in table.items()}
     consumed = start_step * batch_size
     epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
 
@@ -231,7 +231,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
     def parse(serialized):
         ex = spec.deserialize_example(serialized)
-        return {key: ex[key] for key in ("image", "labels_packed", *TRAIN_KEYS) if key in ex}
+        return {key: ex[key] for key in TRAIN_KEYS if key in ex}
 
     # In-graph block plan (a Python generator here costs a third of the pipeline's throughput).
     ds = tf.data.Dataset.range(epoch0 * n_blocks + block0, np.iinfo(np.int64).max).flat_map(block)
