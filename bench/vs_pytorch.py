@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fvlm_jax.models import transformer
 from fvlm_jax.models.vit3d import ViT3D
 
 SIZES = {  # input_zyx, patch_zyx, width, depth, heads, mlp
@@ -43,7 +44,24 @@ class JaxEncoder(nnx.Module):
         return self.head(tokens.mean(axis=1).astype(jnp.float32))[:, 0]
 
 
-def jax_step_fn(args, size):
+def autodiff_attention(q, k, v, mask=None):
+    """fvlm_jax's CPU attention forward with JAX's autodiff gradient instead of its hand-written one (for A/B)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+def jax_step_fn(args, size, attention=None):
+    if attention is not None:  # traced below, at the first call, with this attention
+        saved, transformer.attention = transformer.attention, attention
+        try:
+            run, sync = jax_step_fn(args, size)
+            sync(run())
+        finally:
+            transformer.attention = saved
+        return run, sync
     model = JaxEncoder(*size, dtype=jnp.dtype(args.jax_dtype), remat=args.remat, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4, weight_decay=0.01)
@@ -123,6 +141,9 @@ def main():
     ap.add_argument("--jax_dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--torch_device", default="cpu")
+    ap.add_argument("--jax_autodiff_attention", action="store_true",
+                    help="also time the JAX step with autodiff through the attention (A/B of the hand-written "
+                         "CPU attention gradient)")
     args = ap.parse_args()
     try:
         import monai
@@ -139,6 +160,8 @@ def main():
 
     sides = {"jax": jax_step_fn(args, size), "pytorch": torch_step_fn(args, size),
              "pytorch_tanh": torch_step_fn(args, size, gelu="tanh")}
+    if args.jax_autodiff_attention:
+        sides["jax_autodiff"] = jax_step_fn(args, size, attention=autodiff_attention)
     for run, sync in sides.values():  # compile / warm up
         sync(run())
         sync(run())
@@ -156,6 +179,9 @@ def main():
         ratios = [j / p for j, p in zip(times["jax"], times[torch_side])]
         print(f"ratio JAX / {torch_side} step time: {med['jax'] / med[torch_side]:.2f} (per round: "
               + ", ".join(f"{r:.2f}" for r in ratios) + f"); JAX volumes/s = {med[torch_side] / med['jax']:.2f}x")
+    if "jax_autodiff" in med:
+        print(f"JAX step with the hand-written CPU attention gradient / with autodiff through attention: "
+              f"{med['jax'] / med['jax_autodiff']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The issue-4 GPU figures in one short run (no TensorFlow needed): the paper-size train step in bf16 (step time,
+# volumes/s, MFU, peak device memory at 14 volumes per device, with and without rematerialisation) and the image
+# encoder's step in JAX bf16 against MONAI's ViT in PyTorch fp32 (the public recipe) on the same card.
+#
+#   bash bench/gpu_check.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu_check_out
+#
+# Needs jax[cuda], flax, optax, orbax-checkpoint, ml-collections, and torch + monai for the comparison (a missing
+# torch/monai only skips that part). Every figure is printed with the card's name; keep them together.
+set -uo pipefail
+out=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(cd "$(dirname "$0")/.." && pwd)" PYTHONUNBUFFERED=1
+log="$out/gpu_check.txt"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
+  python -c "import jax; print('jax', jax.__version__, jax.devices())"
+  echo "== train step, paper preset, batch 14, bf16, remat"
+  timeout 200 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=10
+  echo "== train step, paper preset, batch 14, bf16, no remat"
+  timeout 150 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=10
+  echo "== image encoder: JAX bf16 vs MONAI ViT PyTorch fp32"
+  # JAX would otherwise reserve 75 % of the card before PyTorch allocates anything.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda \
+    --rounds=3 --steps=5
+} 2>&1 | tee "$log"
