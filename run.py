@@ -9,7 +9,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fvlm_jax import config_checks, stages
+from fvlm_jax import config_checks, stages, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where records, checkpoints, results and exports go.")
@@ -44,7 +44,10 @@ def main(argv):
     for name, fn in steps.items():
         if mode in (name, "all"):
             t0 = time.perf_counter()
-            fn(cfg, workdir)
+            try:
+                fn(cfg, workdir)
+            except train.Preempted:  # checkpoint saved; 128 + SIGTERM, as if the signal had ended the process
+                raise SystemExit(143) from None
             log.info("%s done in %.0f s", name, time.perf_counter() - t0)
 
 

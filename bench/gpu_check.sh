@@ -5,23 +5,25 @@
 #
 #   bash bench/gpu_check.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu_check_out
 #
-# Needs jax[cuda], flax, optax, orbax-checkpoint, ml-collections, and torch + monai for the comparison (a missing
-# torch/monai only skips that part). Every figure is printed with the card's name; keep them together.
+# Needs jax[cuda], flax, optax, orbax-checkpoint, ml-collections and tqdm; torch + monai for the comparison (a
+# missing torch/monai only fails that part). Install torch before jax[cuda], or check `pip check` afterwards: torch
+# can pull a cuDNN that JAX's GPU backend rejects. Each part has its own timeout; all together at most ~8 minutes,
+# inside the device tool's 10-minute call. Every figure is printed with the card's name; keep them together.
 set -uo pipefail
 out=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$out"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(cd "$(dirname "$0")/.." && pwd)" PYTHONUNBUFFERED=1
-log="$out/gpu_check.txt"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
-  python -c "import jax; print('jax', jax.__version__, jax.devices())"
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
+  timeout 60 python -c "import jax; print('jax', jax.__version__, jax.devices())"
   echo "== train step, paper preset, batch 14, bf16, remat"
-  timeout 200 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=10
+  timeout -k 10 150 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
   echo "== train step, paper preset, batch 14, bf16, no remat"
-  timeout 150 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=10
+  timeout -k 10 120 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5
   echo "== image encoder: JAX bf16 vs MONAI ViT PyTorch fp32"
-  # JAX would otherwise reserve 75 % of the card before PyTorch allocates anything.
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda \
+  timeout -k 10 150 python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda \
     --rounds=3 --steps=5
-} 2>&1 | tee "$log"
+} 2>&1 | tee "$out/gpu_check.txt"

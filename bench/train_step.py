@@ -60,7 +60,8 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
-    if args.fake_devices:
+    if args.fake_devices:  # CPU devices, also on a GPU host (the sharding / memory check)
+        jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.fake_devices)
     cfg = preset_config(args.preset)
     if args.mesh:

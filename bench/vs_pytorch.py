@@ -18,14 +18,17 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+# On a GPU, JAX would otherwise reserve 75 % of the card before PyTorch allocates anything.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from fvlm_jax.models import transformer
-from fvlm_jax.models.vit3d import ViT3D
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from fvlm_jax.models import transformer  # noqa: E402
+from fvlm_jax.models.vit3d import ViT3D  # noqa: E402
 
 SIZES = {  # input_zyx, patch_zyx, width, depth, heads, mlp
     "small": ((32, 64, 64), (8, 8, 8), 256, 4, 4, 1024),
@@ -44,7 +47,7 @@ class JaxEncoder(nnx.Module):
         return self.head(tokens.mean(axis=1).astype(jnp.float32))[:, 0]
 
 
-def autodiff_attention(q, k, v, mask=None):
+def autodiff_attention(q, k, v, mask=None, impl=None):
     """fvlm_jax's CPU attention forward with JAX's autodiff gradient instead of its hand-written one (for A/B)."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
@@ -160,6 +163,8 @@ def main():
 
     sides = {"jax": jax_step_fn(args, size), "pytorch": torch_step_fn(args, size),
              "pytorch_tanh": torch_step_fn(args, size, gelu="tanh")}
+    if args.jax_autodiff_attention and jax.default_backend() != "cpu":
+        raise SystemExit("--jax_autodiff_attention compares the XLA:CPU attention gradients; run it on a CPU host")
     if args.jax_autodiff_attention:
         sides["jax_autodiff"] = jax_step_fn(args, size, attention=autodiff_attention)
     for run, sync in sides.values():  # compile / warm up
@@ -182,6 +187,7 @@ def main():
     if "jax_autodiff" in med:
         print(f"JAX step with the hand-written CPU attention gradient / with autodiff through attention: "
               f"{med['jax'] / med['jax_autodiff']:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -104,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # What the backward pass may keep when remat is on: a jax.checkpoint_policies name. "nothing_saveable" keeps
     # only block inputs; "dots_with_no_batch_dims_saveable" keeps the matmul outputs (faster, more memory).
     c.model.remat_policy = "nothing_saveable"
+    # Attention kernel: "auto" = the hand-written one on CPU, cuDNN's fused kernel for the image encoder on NVIDIA
+    # GPUs in bf16/fp16 (XLA's if cuDNN refuses), XLA's otherwise; or force "cpu", "xla" or "cudnn".
+    c.model.attention = "auto"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.normal_pairs = True  # normal false-negative correction

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -218,6 +220,39 @@ class Trainer:
         mngr.save(self.step, args=ocp.args.StandardSave(self.state))
 
 
+class Preempted(Exception):
+    """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint; rerun the same command."""
+
+
+class _PreemptionWatch:
+    """A SIGTERM, which schedulers (SLURM, Kubernetes, cloud spot/preemptible VMs) send before killing a job, asks
+    training to save at the next step boundary and stop.
+
+    One process: our own SIGTERM handler sets a flag (the previous handler is restored afterwards). Several
+    processes: JAX's distributed runtime receives the notice, and Orbax's `reached_preemption` makes every process
+    agree on the same step, so all of them save the same checkpoint.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int, mngr: ocp.CheckpointManager) -> bool:
+        if jax.process_count() > 1:
+            return mngr.reached_preemption(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Drop lines logged after the checkpoint we resume from (and a line cut short by a kill), so a resumed log
     has each step exactly once."""
@@ -280,6 +315,21 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     bar = tqdm(total=total, initial=start, desc=f"train {method}", disable=not progress or jax.process_index(),
                dynamic_ncols=True)
     tb = _tensorboard(cfg, train_dir) if writer else None
+    preemption = _PreemptionWatch()
+    try:
+        _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, bar, tb, writer, metrics_path,
+                    preemption)
+    finally:
+        preemption.close()
+        if tb is not None:
+            tb.close()
+        bar.close()
+    mngr.wait_until_finished()
+    return trainer
+
+
+def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, bar, tb, writer, metrics_path,
+                preemption) -> None:
     window_t, window_n, rate = time.perf_counter(), 0, float("nan")
     # Line-buffered: a kill can never leave a row that is only partly written, and rows reach the disk before the
     # checkpoint of their step does.
@@ -320,15 +370,19 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
                         if np.isfinite(rate):
                             tb.add_scalar("volumes_per_s", rate, step + 1)
                         tb.flush()
-            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total:
+            saved = (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total
+            if saved:
                 trainer.save(mngr)
             if step + 1 >= total:
                 break
-    if tb is not None:
-        tb.close()
-    bar.close()
-    mngr.wait_until_finished()
-    return trainer
+            if preemption.reached(step + 1, mngr):
+                if not saved:
+                    trainer.save(mngr)
+                mngr.wait_until_finished()
+                msg = (f"{method}: preemption notice (SIGTERM): saved the checkpoint of step {step + 1} and stopped; "
+                       "rerun the same command to continue")
+                log.warning(msg)
+                raise Preempted(msg)
 
 
 def restore_params(cfg: ml_collections.ConfigDict, method: str, train_dir: str) -> FVLM:

@@ -215,7 +215,7 @@ def test_block_with_cpu_attention_matches_the_library_attention(monkeypatch):
         return (run(nnx.merge(graphdef, state), x, mask) ** 2).sum()
 
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
-    monkeypatch.setattr(transformer, "attention", lambda q, k, v, m=None: jax.nn.dot_product_attention(
+    monkeypatch.setattr(transformer, "attention", lambda q, k, v, m=None, impl=None: jax.nn.dot_product_attention(
         q, k, v, mask=None if m is None else m[:, None, None, :]))
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
     assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5)
@@ -232,3 +232,41 @@ def test_flattened_dense_is_the_same_product():
     np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=1e-5, atol=1e-6)
     gw = jax.grad(lambda m: (m(x) ** 2).sum())(layer).kernel[...]
     np.testing.assert_allclose(np.asarray(gw), x.reshape(-1, 8).T @ (2 * want).reshape(-1, 6), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_implementations_and_the_cudnn_fallback(monkeypatch, caplog):
+    """model.attention: "xla" is the library's XLA attention, "cpu" the hand-written one (same values), "cudnn"
+    without cuDNN is refused, and "auto" on a GPU backend falls back to XLA (with a warning) when cuDNN refuses."""
+    from fvlm_jax.models import transformer
+
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 16)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(6)[None, :] < np.array([[6], [3]]))
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    for impl in ("xla", "cpu", "auto"):
+        got = transformer.attention(q, k, v, mask, impl=impl)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not one of"):
+        transformer.attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="not one of"):
+        transformer.Block(32, 2, 64, rngs=nnx.Rngs(0), attention_impl="flash")
+    bf = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    with pytest.raises(Exception, match="cuDNN"):  # this machine has no cuDNN
+        transformer.attention(*bf, impl="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with caplog.at_level("WARNING"):
+        got = transformer.attention(*bf)  # image-encoder case: bf16, Dh 16, no mask -> tries cuDNN
+    assert "cuDNN fused attention refused" in caplog.text
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(jax.nn.dot_product_attention(*bf), np.float32), atol=1e-2)
+
+
+def test_config_rejects_an_unknown_attention_implementation():
+    from configs import demo
+    from fvlm_jax import config_checks
+
+    cfg = demo.get_config()
+    config_checks.validate(cfg)
+    cfg.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention='flash'"):
+        config_checks.validate(cfg)

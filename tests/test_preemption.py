@@ -1,4 +1,5 @@
-"""SIGKILL during training, then the same command again: the log continues exactly as an uninterrupted run's."""
+"""SIGKILL or SIGTERM during training, then the same command again: the log continues exactly as an uninterrupted
+run's. SIGTERM (a scheduler's preemption notice) also saves a checkpoint at the step it arrives, so no step is lost."""
 
 import json
 import os
@@ -11,26 +12,51 @@ import time
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import itertools, sys
+    import itertools, os, sys
     from configs import demo
     from fvlm_jax import synthetic, train
 
     cfg = demo.get_config()
     cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
-    cfg.train.update(batch_size=4, steps=12, warmup_steps=2, checkpoint_every=3, log_every=5)
+    cfg.train.update(batch_size=4, steps=12, warmup_steps=2, log_every=5,
+                     checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "3")))
     batches = lambda start: (synthetic.random_batch(cfg, 4, seed=i) for i in itertools.count(start))
-    train.train(cfg, "fvlm", sys.argv[1], batches, progress=False)
+    try:
+        train.train(cfg, "fvlm", sys.argv[1], batches, progress=False)
+    except train.Preempted:
+        sys.exit(143)
 """)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, wait=True):
+def _run(workdir, wait=True, checkpoint_every=3):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CHECKPOINT_EVERY=str(checkpoint_every))
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                            stderr=subprocess.PIPE, text=True, env=env)
     if wait:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(workdir)
+    return _steps(workdir)
+
+
+def _signal_after(workdir, sig, n_steps, checkpoint_every=3):
+    """Starts training and sends `sig` once `n_steps` rows are logged; returns the finished process."""
+    proc = _run(workdir, wait=False, checkpoint_every=checkpoint_every)
+    deadline = time.time() + 300
+    while len(_steps(workdir)) < n_steps and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail("training finished before the signal could be sent")
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=300)
     return proc
 
 
@@ -39,20 +65,31 @@ def _steps(workdir):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
-    reference = tmp_path / "reference"
-    _run(reference)
+def test_sigkill_then_rerun_matches_uninterrupted(tmp_path, reference):
     killed = tmp_path / "killed"
-    proc = _run(killed, wait=False)
-    deadline = time.time() + 300
-    while len(_steps(killed)) < 7 and time.time() < deadline:  # past the step-6 checkpoint, mid-way to step 9
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.fail("training finished before it could be killed")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _signal_after(killed, signal.SIGKILL, 7)  # past the step-6 checkpoint, mid-way to step 9
     _run(killed)  # the same command again
-    got, want = _steps(killed), _steps(reference)
+    got = _steps(killed)
     assert [r["step"] for r in got] == list(range(1, 13))
-    for a, b in zip(got, want):
+    for a, b in zip(got, reference):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_where_it_stops_then_rerun_matches_uninterrupted(tmp_path, reference):
+    import orbax.checkpoint as ocp
+
+    stopped = tmp_path / "stopped"
+    # No regular checkpoint before the last step: whatever is saved before it comes from the notice.
+    proc = _signal_after(stopped, signal.SIGTERM, 4, checkpoint_every=100)
+    err = proc.stderr.read()
+    assert proc.returncode == 143, err[-3000:]
+    assert "preemption notice (SIGTERM)" in err
+    logged = [r["step"] for r in _steps(stopped)]
+    assert logged[-1] < 12
+    with ocp.CheckpointManager(str(stopped / "checkpoints")) as mngr:
+        assert mngr.latest_step() == logged[-1]  # saved exactly where it stopped: no step is lost
+    _run(stopped)  # the same command again
+    got = _steps(stopped)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(got, reference):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)

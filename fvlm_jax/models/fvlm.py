@@ -64,7 +64,8 @@ class FVLM(nnx.Module):
         # Parameters stay float32; `dtype` is the compute dtype (bfloat16 on accelerators). Embeddings, similarities
         # and the loss are float32.
         dtype = jnp.dtype(cfg.get("dtype", "float32"))
-        remat = dict(remat=bool(cfg.get("remat", False)), remat_policy=cfg.get("remat_policy", "nothing_saveable"))
+        remat = dict(remat=bool(cfg.get("remat", False)), remat_policy=cfg.get("remat_policy", "nothing_saveable"),
+                     attention_impl=cfg.get("attention", "auto"))
         self.global_pool = global_pool
         self.num_anatomies = num_anatomies
         self.patch_zyx = tuple(v.patch_zyx)

@@ -14,12 +14,13 @@ PAD_ID = 0
 class TextEncoder(nnx.Module):
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, heads: int, mlp_dim: int,
                  rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False,
-                 remat_policy: str = "nothing_saveable"):
+                 remat_policy: str = "nothing_saveable", attention_impl: str = "auto"):
         self.remat, self.remat_policy = remat, remat_policy
         self.tok = nnx.Embed(vocab_size, width, rngs=rngs, dtype=dtype, embedding_metadata=logical("vocab", "embed"))
         self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, width)),
                              **logical("length", "embed"))
-        self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+                                for _ in range(depth)])
         self.final_ln = layer_norm(width, rngs=rngs, dtype=dtype)
 
     def __call__(self, tokens):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,10 +15,14 @@ from fvlm_jax.sharding import constrain, logical
 class Block(nnx.Module):
     """x + MHSA(LN(x)), then x + MLP(LN(x)). qkv with bias, as ViT-B / BERT."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, width: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 attention_impl: str = "auto"):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation {attention_impl!r} is not one of {ATTENTION_IMPLS}")
         self.heads = heads
+        self.attention_impl = attention_impl
         self.ln1 = layer_norm(width, rngs=rngs, dtype=dtype)
         # qkv columns are head-major ([head][q|k|v][channel]), so splitting them over the tensor axis splits heads.
         self.qkv = dense(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
@@ -32,21 +38,54 @@ class Block(nnx.Module):
         qkv = self.qkv(self.ln1(x)).reshape(b, n, self.heads, 3, d // self.heads)
         qkv = constrain(qkv, "batch", "length", "heads", None, None)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        y = attention(q, k, v, mask)
+        y = attention(q, k, v, mask, impl=self.attention_impl)
         x = x + self.out(y.reshape(b, n, d))
         h = constrain(jax.nn.gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
         return constrain(x + self.fc2(h), "batch", "length", "act_embed")
 
 
-def attention(q, k, v, mask=None):
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cpu")
+
+
+def attention(q, k, v, mask=None, impl: str = "auto"):
     """Softmax attention: q, k, v [B, N, H, Dh]; mask optional [B, N] bool of real key tokens. Returns [B, N, H, Dh].
 
-    On accelerators this is `jax.nn.dot_product_attention` (which may pick a fused cuDNN kernel). On XLA:CPU it is
-    `cpu_attention`, the same product with a hand-written backward pass.
+    impl (config `model.attention`):
+    - "cpu": `cpu_attention`, the product written out with a hand-written backward pass (fastest on XLA:CPU);
+    - "xla": `jax.nn.dot_product_attention`'s XLA version (materialises the [B, H, N, N] logits);
+    - "cudnn": `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16; errors otherwise);
+    - "auto": "cpu" on XLA:CPU; on a GPU, "cudnn" where cuDNN's fused kernel applies (bf16/fp16, Dh a multiple of 8
+      up to 128, no mask: the image encoder), falling back to "xla" if it is refused when traced; else "xla".
+      (The library's own default is XLA.)
     """
-    if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
-    return cpu_attention(q, k, v, mask)
+    if impl == "auto":
+        backend = jax.default_backend()
+        if backend == "cpu":
+            impl = "cpu"
+        elif (backend == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+              and q.shape[-1] <= 128):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except Exception as e:  # noqa: BLE001 (any refusal: no cuDNN, unsupported shape or version)
+                _warn_once(f"cuDNN fused attention refused ({type(e).__name__}: {e}); using the XLA attention")
+            impl = "xla"
+        else:
+            impl = "xla"
+    if impl == "cpu":
+        return cpu_attention(q, k, v, mask)
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
+                                        implementation=impl)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logging.warning(msg)
 
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -95,8 +134,9 @@ def _cpu_attention_bwd(res, d_out):
 @jax.custom_vjp
 def cpu_attention(q, k, v, mask=None):
     """`attention` on XLA:CPU: q scaled before the logits, float32 logits and softmax, and a hand-written backward
-    (`_cpu_attention_bwd`). Against autodiff of the same forward it takes the encoder step of bench/vs_pytorch.py
-    from 164 to 149 ms on a 2-core CPU. What stays slow there: XLA:CPU runs batched matmuls on one thread."""
+    (`_cpu_attention_bwd`). Against autodiff of the same forward it takes the encoder step of
+    `bench/vs_pytorch.py --jax_autodiff_attention` from 156 to 141 ms on a 2-core CPU. What stays slow there:
+    XLA:CPU runs batched matmuls on one thread."""
     return _cpu_attention_fwd(q, k, v, mask)[0]
 
 

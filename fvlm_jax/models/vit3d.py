@@ -66,7 +66,7 @@ class ViT3D(nnx.Module):
     def __init__(self, *, input_zyx: Sequence[int], patch_zyx: Sequence[int], width: int, depth: int, heads: int,
                  mlp_dim: int, feature_blocks: Sequence[int], rngs: nnx.Rngs, stem_channels: Sequence[int] = (),
                  dtype=jnp.float32, remat: bool = False,
-                 remat_policy: str = "nothing_saveable"):
+                 remat_policy: str = "nothing_saveable", attention_impl: str = "auto"):
         if any(not 1 <= i <= depth for i in feature_blocks):
             raise ValueError(f"feature_blocks {tuple(feature_blocks)} must lie in [1, depth={depth}]")
         self.patch_zyx = tuple(patch_zyx)
@@ -75,7 +75,8 @@ class ViT3D(nnx.Module):
         # stem_channels=() is the paper's single linear 3D patch embedding.
         self.stem = ConvStem(patch_zyx, tuple(stem_channels), width, rngs=rngs, dtype=dtype)
         self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n, width)), **logical("length", "embed"))
-        self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, mlp_dim, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+                                for _ in range(depth)])
         self.final_ln = layer_norm(width, rngs=rngs, dtype=dtype)
         self.feature_blocks = tuple(feature_blocks)
         self.remat, self.remat_policy = remat, remat_policy
