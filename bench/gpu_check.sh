@@ -7,7 +7,7 @@
 #
 # Needs jax[cuda], flax, optax, orbax-checkpoint, ml-collections and tqdm; torch + monai for the comparison (a
 # missing torch/monai only fails that part). Install torch before jax[cuda], or check `pip check` afterwards: torch
-# can pull a cuDNN that JAX's GPU backend rejects. Each part has its own timeout; all together at most ~8 minutes,
+# can pull a cuDNN that JAX's GPU backend rejects. Each part has its own timeout; all together at most ~9 minutes,
 # inside the device tool's 10-minute call. Every figure is printed with the card's name; keep them together.
 set -uo pipefail
 out=${1:-${OUT:-gpu_check_out}}
@@ -21,9 +21,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
   timeout 60 python -c "import jax; print('jax', jax.__version__, jax.devices())"
   echo "== train step, paper preset, batch 14, bf16, remat"
   timeout -k 10 150 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
+  echo "== train step, paper preset, batch 14, bf16, remat, XLA attention (A/B of the cuDNN kernel above)"
+  timeout -k 10 100 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5 \
+    --attention=xla
   echo "== train step, paper preset, batch 14, bf16, no remat"
-  timeout -k 10 120 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5
+  timeout -k 10 100 python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5
   echo "== image encoder: JAX bf16 vs MONAI ViT PyTorch fp32"
-  timeout -k 10 150 python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda \
+  timeout -k 10 120 python bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda \
     --rounds=3 --steps=5
 } 2>&1 | tee "$out/gpu_check.txt"

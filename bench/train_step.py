@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,8,1 (default: all devices on data)")
     ap.add_argument("--fake_devices", type=int, default=0, help="run on this many fake CPU devices (sharding check)")
     ap.add_argument("--loss_impl", choices=("gspmd", "shard_map"), default="gspmd")
+    ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "cpu"), default=None,
+                    help="model.attention (default: the preset's, 'auto')")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
                          "on a device from any host")
@@ -75,6 +77,8 @@ def main():
     cfg.train.batch_size = args.batch
     cfg.train.grad_accum_steps = args.grad_accum
     cfg.loss.impl = args.loss_impl
+    if args.attention:
+        cfg.model.attention = args.attention
     dev = jax.devices()[0]
     kind = dev.device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
@@ -91,7 +95,8 @@ def main():
         peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         print(f"{kind} ({jax.default_backend()}): preset {args.preset}, batch {args.batch} on {jax.device_count()} "
               f"device(s), dtype {cfg.model.dtype}, remat {cfg.model.remat} ({cfg.model.remat_policy}), "
-              f"grad_accum {args.grad_accum}; compiled in {time.perf_counter() - t0:.0f} s")
+              f"grad_accum {args.grad_accum}, attention {cfg.model.attention}; "
+              f"compiled in {time.perf_counter() - t0:.0f} s")
         print(f"XLA memory analysis per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs "
               f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
               f"{m.temp_size_in_bytes / gib:.2f} GiB; peak estimate {peak / gib:.2f} GiB")
@@ -111,9 +116,9 @@ def main():
     stats = dev.memory_stats() or {}
     mem = stats.get("peak_bytes_in_use")
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
-          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat}, "
-          f"input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, text_len "
-          f"{cfg.prep.text_len}")
+          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat}, attention "
+          f"{cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, "
+          f"text_len {cfg.prep.text_len}")
     print(f"compile + first step: {compile_s:.1f} s")
     print(f"step time: {step_s * 1e3:.1f} ms   volumes/s: {args.batch / step_s:.1f}")
     print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
