@@ -80,6 +80,9 @@ class Predictor:
         meta = read("model.json")
         self.method = meta["method"]
         self.model_cfg = ml_collections.ConfigDict(meta["model"])
+        # The attention kernel is a property of the host, not of the weights: the exporting run's choice ("cudnn"
+        # on a GPU, say) may not exist where the model is used.
+        self.model_cfg.attention = "auto"
         anat = read("anatomies.json")
         self.anatomies = dict(anat["anatomies"])
         self.class_table = {int(i): n for i, n in anat["class_ids"].items()}

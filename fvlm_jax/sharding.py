@@ -119,6 +119,14 @@ def axis_rules(rules):
         _active.rules = old
 
 
+def active_mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes the active rules map logical axis `name` to (empty without active rules or mesh)."""
+    rules = getattr(_active, "rules", None)
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return ()
+    return tuple(rules_dict(rules).get(name, ()))
+
+
 def constrain(x, *names: str | None):
     """with_sharding_constraint by logical names, when a mesh and rules are active; the identity otherwise."""
     rules = getattr(_active, "rules", None)

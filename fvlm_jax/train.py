@@ -235,9 +235,10 @@ class _PreemptionWatch:
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._installed, self._previous = False, None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
 
     def _on_sigterm(self, signum, frame):
         self.requested = True
@@ -248,9 +249,9 @@ class _PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -316,15 +317,18 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
                dynamic_ncols=True)
     tb = _tensorboard(cfg, train_dir) if writer else None
     preemption = _PreemptionWatch()
+    # With several processes, JAX's preemption sync point counts from the last step it was asked about; ask about
+    # the resumed step now, so a notice during the first (compiling) step still stops the run at a step it reaches.
+    preemption.reached(start, mngr)
     try:
         _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, bar, tb, writer, metrics_path,
                     preemption)
+        mngr.wait_until_finished()  # still under the SIGTERM watch: the last checkpoint is complete before we return
     finally:
         preemption.close()
         if tb is not None:
             tb.close()
         bar.close()
-    mngr.wait_until_finished()
     return trainer
 
 
@@ -373,8 +377,7 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
             saved = (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total
             if saved:
                 trainer.save(mngr)
-            if step + 1 >= total:
-                break
+            # Asked at the last step too: a notice there must stop what would run next (another method, eval).
             if preemption.reached(step + 1, mngr):
                 if not saved:
                     trainer.save(mngr)
@@ -383,6 +386,8 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                        "rerun the same command to continue")
                 log.warning(msg)
                 raise Preempted(msg)
+            if step + 1 >= total:
+                break
 
 
 def restore_params(cfg: ml_collections.ConfigDict, method: str, train_dir: str) -> FVLM:

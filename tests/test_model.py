@@ -234,6 +234,7 @@ def test_flattened_dense_is_the_same_product():
     np.testing.assert_allclose(np.asarray(gw), x.reshape(-1, 8).T @ (2 * want).reshape(-1, 6), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusal of cuDNN on a host without it")
 def test_attention_implementations_and_the_cudnn_fallback(monkeypatch, caplog):
     """model.attention: "xla" is the library's XLA attention, "cpu" the hand-written one (same values), "cudnn"
     without cuDNN is refused, and "auto" on a GPU backend falls back to XLA (with a warning) when cuDNN refuses."""
@@ -253,6 +254,7 @@ def test_attention_implementations_and_the_cudnn_fallback(monkeypatch, caplog):
     bf = [t.astype(jnp.bfloat16) for t in (q, k, v)]
     with pytest.raises(Exception, match="cuDNN"):  # this machine has no cuDNN
         transformer.attention(*bf, impl="cudnn")
+    monkeypatch.setattr(transformer, "_warned", set())
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with caplog.at_level("WARNING"):
         got = transformer.attention(*bf)  # image-encoder case: bf16, Dh 16, no mask -> tries cuDNN

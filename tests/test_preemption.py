@@ -12,7 +12,7 @@ import time
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import itertools, os, sys
+    import itertools, os, sys, time
     from configs import demo
     from fvlm_jax import synthetic, train
 
@@ -20,7 +20,14 @@ SCRIPT = textwrap.dedent("""
     cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
     cfg.train.update(batch_size=4, steps=12, warmup_steps=2, log_every=5,
                      checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "3")))
-    batches = lambda start: (synthetic.random_batch(cfg, 4, seed=i) for i in itertools.count(start))
+    pause = float(os.environ.get("STEP_PAUSE", "0"))  # seconds per step: room to land a signal mid-run
+
+
+    def batches(start):
+        for i in itertools.count(start):
+            time.sleep(pause)
+            yield synthetic.random_batch(cfg, 4, seed=i)
+
     try:
         train.train(cfg, "fvlm", sys.argv[1], batches, progress=False)
     except train.Preempted:
@@ -30,8 +37,8 @@ SCRIPT = textwrap.dedent("""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, wait=True, checkpoint_every=3):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CHECKPOINT_EVERY=str(checkpoint_every))
+def _run(workdir, wait=True, checkpoint_every=3, pause=0.0):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CHECKPOINT_EVERY=str(checkpoint_every), STEP_PAUSE=str(pause))
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
     if wait:
@@ -49,15 +56,16 @@ def reference(tmp_path_factory):
 
 def _signal_after(workdir, sig, n_steps, checkpoint_every=3):
     """Starts training and sends `sig` once `n_steps` rows are logged; returns the finished process."""
-    proc = _run(workdir, wait=False, checkpoint_every=checkpoint_every)
+    # A quarter second per step: the signal lands well before the run's end, however loaded the machine.
+    proc = _run(workdir, wait=False, checkpoint_every=checkpoint_every, pause=0.25)
     deadline = time.time() + 300
     while len(_steps(workdir)) < n_steps and time.time() < deadline:
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.fail("training finished before the signal could be sent")
     os.kill(proc.pid, sig)
-    proc.wait(timeout=300)
-    return proc
+    _, err = proc.communicate(timeout=300)
+    return proc, err
 
 
 def _steps(workdir):
@@ -80,8 +88,7 @@ def test_sigterm_saves_where_it_stops_then_rerun_matches_uninterrupted(tmp_path,
 
     stopped = tmp_path / "stopped"
     # No regular checkpoint before the last step: whatever is saved before it comes from the notice.
-    proc = _signal_after(stopped, signal.SIGTERM, 4, checkpoint_every=100)
-    err = proc.stderr.read()
+    proc, err = _signal_after(stopped, signal.SIGTERM, 4, checkpoint_every=100)
     assert proc.returncode == 143, err[-3000:]
     assert "preemption notice (SIGTERM)" in err
     logged = [r["step"] for r in _steps(stopped)]

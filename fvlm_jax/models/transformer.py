@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from fvlm_jax.sharding import constrain, logical
+from fvlm_jax.sharding import active_mesh_axes, constrain, logical
 
 
 class Block(nnx.Module):
@@ -55,15 +55,16 @@ def attention(q, k, v, mask=None, impl: str = "auto"):
     - "xla": `jax.nn.dot_product_attention`'s XLA version (materialises the [B, H, N, N] logits);
     - "cudnn": `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16; errors otherwise);
     - "auto": "cpu" on XLA:CPU; on a GPU, "cudnn" where cuDNN's fused kernel applies (bf16/fp16, Dh a multiple of 8
-      up to 128, no mask: the image encoder), falling back to "xla" if it is refused when traced; else "xla".
-      (The library's own default is XLA.)
+      up to 128, no mask: the image encoder; tokens not sharded, which its partitioner refuses), falling back to
+      "xla" if it is refused when traced; else "xla". (The library's own default is XLA.) A refusal at compile
+      time (a cuDNN graph that does not build) is not caught: set "xla" then.
     """
     if impl == "auto":
         backend = jax.default_backend()
         if backend == "cpu":
             impl = "cpu"
         elif (backend == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-              and q.shape[-1] <= 128):
+              and q.shape[-1] <= 128 and not active_mesh_axes("length")):
             try:
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             except Exception as e:  # noqa: BLE001 (any refusal: no cuDNN, unsupported shape or version)
