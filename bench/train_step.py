@@ -19,6 +19,7 @@ import numpy as np
 
 from configs import ct_rate, demo
 from fvlm_jax import flops, synthetic, train
+from fvlm_jax.models.transformer import ATTENTION_IMPLS
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
@@ -50,7 +51,7 @@ def main():
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,8,1 (default: all devices on data)")
     ap.add_argument("--fake_devices", type=int, default=0, help="run on this many fake CPU devices (sharding check)")
     ap.add_argument("--loss_impl", choices=("gspmd", "shard_map"), default="gspmd")
-    ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "cpu"), default=None,
+    ap.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                     help="model.attention (default: the preset's, 'auto')")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 
 from fvlm_jax import sharding
+from fvlm_jax.models.transformer import ATTENTION_IMPLS
 from fvlm_jax.train import METHODS
 
 MODES = ("prepare", "train", "eval", "export", "all")
@@ -70,8 +71,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append("data.source='manifest' needs data.root = the path of a .jsonl manifest")
     if cfg.model.get("remat_policy", "nothing_saveable") not in dir(jax.checkpoint_policies):
         errors.append(f"model.remat_policy={cfg.model.remat_policy!r} is not a jax.checkpoint_policies name")
-    if cfg.model.get("attention", "auto") not in ("auto", "xla", "cudnn", "cpu"):
-        errors.append(f"model.attention={cfg.model.attention!r}: choose 'auto', 'xla', 'cudnn' or 'cpu'")
+    if cfg.model.get("attention", "auto") not in ATTENTION_IMPLS:
+        errors.append(f"model.attention={cfg.model.attention!r}: choose one of {ATTENTION_IMPLS}")
     if cfg.loss.get("impl", "gspmd") not in ("gspmd", "shard_map"):
         errors.append(f"loss.impl={cfg.loss.impl!r}: choose 'gspmd' or 'shard_map'")
     accum = cfg.train.get("grad_accum_steps", 1)

@@ -11,6 +11,8 @@ from jax import lax
 
 from fvlm_jax.sharding import active_mesh_axes, constrain, logical
 
+log = logging.getLogger(__name__)
+
 
 class Block(nnx.Module):
     """x + MHSA(LN(x)), then x + MLP(LN(x)). qkv with bias, as ViT-B / BERT."""
@@ -60,17 +62,14 @@ def attention(q, k, v, mask=None, impl: str = "auto"):
       time (a cuDNN graph that does not build) is not caught: set "xla" then.
     """
     if impl == "auto":
-        backend = jax.default_backend()
-        if backend == "cpu":
+        if jax.default_backend() == "cpu":
             impl = "cpu"
-        elif (backend == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-              and q.shape[-1] <= 128 and not active_mesh_axes("length")):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            except Exception as e:  # noqa: BLE001 (any refusal: no cuDNN, unsupported shape or version)
-                _warn_once(f"cuDNN fused attention refused ({type(e).__name__}: {e}); using the XLA attention")
-            impl = "xla"
         else:
+            if _cudnn_applies(q, mask):
+                try:
+                    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+                except Exception as e:  # noqa: BLE001 (any refusal: no cuDNN, unsupported shape or version)
+                    _warn_once(f"cuDNN fused attention refused ({type(e).__name__}: {e}); using the XLA attention")
             impl = "xla"
     if impl == "cpu":
         return cpu_attention(q, k, v, mask)
@@ -80,13 +79,20 @@ def attention(q, k, v, mask=None, impl: str = "auto"):
                                         implementation=impl)
 
 
+def _cudnn_applies(q, mask) -> bool:
+    """Whether "auto" tries cuDNN's fused kernel: a CUDA GPU, bf16/fp16, head size a multiple of 8 up to 128, no
+    mask, and tokens not sharded."""
+    return (jax.default_backend() == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and not active_mesh_axes("length"))
+
+
 _warned: set[str] = set()
 
 
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        logging.warning(msg)
+        log.warning(msg)
 
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
