@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
     ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--remat_policy", default=None,
+                    help="model.remat_policy, a jax.checkpoint_policies name (default: the preset's)")
     ap.add_argument("--text_len", type=int, default=None, help="tokens per anatomy text (default: the preset's)")
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (exact accumulation)")
@@ -73,6 +75,8 @@ def main():
         cfg.model.dtype = args.dtype
     if args.remat is not None:
         cfg.model.remat = args.remat
+    if args.remat_policy:
+        cfg.model.remat_policy = args.remat_policy
     if args.text_len:
         cfg.prep.text_len = args.text_len
     cfg.train.batch_size = args.batch
@@ -102,6 +106,11 @@ def main():
               f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
               f"{m.temp_size_in_bytes / gib:.2f} GiB; peak estimate {peak / gib:.2f} GiB")
         return
+    fused = None
+    if jax.default_backend() == "gpu":  # which attention kernel the step really runs (tracing only, no compile)
+        with jax.set_mesh(trainer.mesh):
+            hlo = trainer.step_fn.lower(trainer.state, trainer.global_batch(batches[0])).as_text()
+        fused = hlo.count("__cudnn$fmha")
     t0 = time.perf_counter()
     jax.block_until_ready(trainer.train_step(batches[0]))
     compile_s = time.perf_counter() - t0
@@ -117,9 +126,11 @@ def main():
     stats = dev.memory_stats() or {}
     mem = stats.get("peak_bytes_in_use")
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
-          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat}, attention "
-          f"{cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, "
-          f"text_len {cfg.prep.text_len}")
+          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat} "
+          f"({cfg.model.remat_policy}), attention {cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, "
+          f"patch {tuple(cfg.model.vision.patch_zyx)}, text_len {cfg.prep.text_len}")
+    if fused is not None:
+        print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")
     print(f"step time: {step_s * 1e3:.1f} ms   volumes/s: {args.batch / step_s:.1f}")
     print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
