@@ -124,7 +124,7 @@ def active_mesh_axes(name: str) -> tuple[str, ...]:
     rules = getattr(_active, "rules", None)
     if rules is None or jax.sharding.get_abstract_mesh().empty:
         return ()
-    return tuple(rules_dict(rules).get(name, ()))
+    return tuple(rules.get(name, ()))
 
 
 def constrain(x, *names: str | None):

@@ -152,3 +152,20 @@ def test_mesh_errors_are_clear():
     cfg.mesh.fsdp, cfg.mesh.data = 1, 2 * jax.device_count()
     with pytest.raises(ValueError, match="devices"):
         sharding.make_mesh(cfg)
+
+
+def test_active_mesh_axes_reads_the_rules_in_effect():
+    """What the model asks while traced (e.g. whether tokens are sharded, which decides cuDNN attention on a GPU).
+    It failed on the first GPU run: the active rules are stored as a dict, and were read as a rules table."""
+    rules = [*demo.get_config().sharding.rules]
+    length_on_tensor = [(n, "tensor" if n == "length" else a) for n, a in rules]
+    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1])
+    assert sharding.active_mesh_axes("batch") == ()  # no rules in effect
+    with jax.set_mesh(mesh):
+        with sharding.axis_rules(rules):
+            assert sharding.active_mesh_axes("batch") == ("data", "fsdp")
+            assert sharding.active_mesh_axes("embed") == ("fsdp",)
+            assert sharding.active_mesh_axes("length") == ()
+        with sharding.axis_rules(length_on_tensor):
+            assert sharding.active_mesh_axes("length") == ("tensor",)
+        assert sharding.active_mesh_axes("batch") == ()
