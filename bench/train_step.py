@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--loss_impl", choices=("gspmd", "shard_map"), default="gspmd")
     ap.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                     help="model.attention (default: the preset's, 'auto')")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also trace 3 steps with jax.profiler into DIR (a Perfetto trace, summarised by "
+                         "bench/trace_summary.py) after the timing")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
                          "on a device from any host")
@@ -141,6 +144,12 @@ def main():
         print(f"peak device memory: {mem / 2**30:.2f} GiB")
     print(f"peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     assert np.isfinite(float(metrics["loss"]))
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for i in range(3):
+                metrics = trainer.train_step(batches[i % 2])
+            jax.block_until_ready(metrics)
+        print(f"profile of 3 steps written under {args.profile} (python bench/trace_summary.py {args.profile})")
 
 
 if __name__ == "__main__":

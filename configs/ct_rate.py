@@ -62,7 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vocab_size=c.prep.get_ref("vocab_size"), max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
 
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and
+    # remat (nothing_saveable) made the step 2.2x slower (57.9 -> 126.6 ms; bench/README.md). Where the attention
+    # is XLA's (TPU), the [B, H, N, N] logits are kept: XLA estimates 39 GiB without remat and 31.7 GiB with it at 14
+    # volumes per device; with less memory than that, set model.remat=True and train.grad_accum_steps=2 (18.8 GiB).
+    c.model.remat = False
 
     c.train.batch_size = 56
     # The reference's 20 epochs x 377 steps; an epoch is one random reconstruction of each scan (data.reconstructions).
