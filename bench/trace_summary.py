@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def load_events(path: Path):
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: give the --profile directory or a perfetto_trace.json.gz")
     if path.is_dir():
         traces = sorted(path.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
         if not traces:
