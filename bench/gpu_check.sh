@@ -41,7 +41,7 @@ jax.devices())"
   echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
   timeout -k 10 130 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
   echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; its compile"
-  echo "   took over 100 s on an H200)"
+  echo "   and run with remat did not finish in 100 s on an H200)"
   timeout -k 10 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5 \
     --attention=xla
 } 2>&1 | tee "$out/gpu_check.txt"
