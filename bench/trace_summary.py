@@ -40,15 +40,30 @@ def load_events(path: Path):
 
 
 def summarise(events, procs, threads):
-    """{(process, row): Counter(op name -> total µs)} over complete ('X') events, device rows only if any."""
-    rows: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    """{(process, row): (Counter(op name -> total µs), busy µs)} over complete ('X') events; device rows only, if
+    the trace has any. Busy time is the union of the row's event intervals, so nested events (host rows, or a
+    module event around its ops) count once; the per-op totals do count nested time in each op."""
+    ops: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    spans: dict[tuple[str, str], list] = collections.defaultdict(list)
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
-        proc = procs.get(e["pid"], str(e["pid"]))
-        rows[(proc, threads.get((e["pid"], e["tid"]), str(e["tid"])))][e["name"]] += float(e["dur"])
+        row = (procs.get(e["pid"], str(e["pid"])), threads.get((e["pid"], e["tid"]), str(e["tid"])))
+        ops[row][e["name"]] += float(e["dur"])
+        spans[row].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    rows = {row: (ops[row], union_length(spans[row])) for row in ops}
     device = {k: v for k, v in rows.items() if "/device:" in k[0]}
-    return device or dict(rows)
+    return device or rows
+
+
+def union_length(intervals) -> float:
+    """Total length covered by [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def main():
@@ -61,9 +76,10 @@ def main():
     path, events, procs, threads = load_events(args.trace)
     rows = summarise(events, procs, threads)
     print(f"{path}: {len(events)} events, {len(rows)} rows; times per step (of {args.steps})")
-    for (proc, row), ops in sorted(rows.items(), key=lambda kv: -sum(kv[1].values()))[:args.rows]:
+    for (proc, row), (ops, busy) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:args.rows]:
         total = sum(ops.values())
-        print(f"\n{proc} / {row}: busy {total / args.steps / 1e3:.2f} ms per step, {len(ops)} distinct ops")
+        print(f"\n{proc} / {row}: busy {busy / args.steps / 1e3:.2f} ms per step, {len(ops)} distinct ops "
+              "(shares below: of the summed op time)")
         for name, us in ops.most_common(args.top):
             print(f"  {us / args.steps / 1e3:8.3f} ms  {us / total:6.1%}  {name[:110]}")
         kinds = collections.Counter()

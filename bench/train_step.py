@@ -2,7 +2,7 @@
 
 No TensorFlow needed, so it runs unchanged on an accelerator host:
   python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4
-  python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat   # ViT-B on 112x256x352
+  python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16   # ViT-B on 112x256x352 (--remat: compare)
 MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak).
 The peak comes from --peak_tflops or, for known accelerators, from the device kind (H100/H200 bf16 dense: 989).
 """
@@ -128,10 +128,11 @@ def main():
     achieved = f["total"] / step_s / 1e12
     stats = dev.memory_stats() or {}
     mem = stats.get("peak_bytes_in_use")
+    remat = f"True ({cfg.model.remat_policy})" if cfg.model.remat else "False"
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
-          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {cfg.model.remat} "
-          f"({cfg.model.remat_policy}), attention {cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, "
-          f"patch {tuple(cfg.model.vision.patch_zyx)}, text_len {cfg.prep.text_len}")
+          f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {remat}, attention "
+          f"{cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, "
+          f"text_len {cfg.prep.text_len}")
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")

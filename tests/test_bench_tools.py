@@ -32,11 +32,19 @@ def test_summary_prefers_device_rows_and_sums_durations(tmp_path):
     _, ev, procs, threads = trace_summary.load_events(tmp_path)
     rows = trace_summary.summarise(ev, procs, threads)
     assert list(rows) == [("/device:GPU:0", "XLA Ops")]  # the host row is left out when a device row exists
-    assert rows[("/device:GPU:0", "XLA Ops")] == {"fusion.1": 60.0, "fusion.2": 10.0, "custom-call.3": 60.0}
+    ops, busy = rows[("/device:GPU:0", "XLA Ops")]
+    assert ops == {"fusion.1": 60.0, "fusion.2": 10.0, "custom-call.3": 60.0}
+    assert busy == 130.0
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_summary.py"), str(path), "--steps=2"],
                          capture_output=True, text=True, check=True).stdout
     assert "busy 0.07 ms per step" in out  # 130 µs over 2 steps
     assert "by kind: fusion 54%, custom-call 46%" in out
+
+
+def test_busy_time_counts_nested_and_overlapping_events_once():
+    assert trace_summary.union_length([]) == 0
+    assert trace_summary.union_length([(0, 10), (2, 5), (8, 12), (20, 25)]) == 17  # [0, 12) and [20, 25)
+    assert trace_summary.union_length([(5, 6), (0, 1)]) == 2
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the host-row fallback is what XLA:CPU traces have")
@@ -50,7 +58,7 @@ def test_summary_of_a_real_profile(tmp_path):
     path, ev, procs, threads = trace_summary.load_events(tmp_path)
     assert path.name == "perfetto_trace.json.gz"
     rows = trace_summary.summarise(ev, procs, threads)
-    assert rows and all(sum(ops.values()) > 0 for ops in rows.values())
+    assert rows and all(busy > 0 and sum(ops.values()) >= busy - 1e-3 for ops, busy in rows.values())
     assert any("/host:" in proc for proc, _ in rows)  # no device rows on XLA:CPU: the host rows are shown
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no perfetto_trace"):
