@@ -14,6 +14,7 @@ Exits non-zero if a check fails. Needs no TensorFlow, PyTorch or MONAI.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import demo
 from fvlm_jax import sharding
 from fvlm_jax.models import transformer
 from fvlm_jax.models.vit3d import ViT3D
@@ -70,8 +72,9 @@ def main():
         if not ec <= 1.5 * ex + 1e-3:
             failures.append(f"cuDNN {name} error {ec:.2e} against XLA's {ex:.2e}")
 
-    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:1])
+    cfg = demo.get_config()
+    cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.tensor = 1
+    mesh = sharding.make_mesh(cfg)  # the trainer's mesh, on one device
     for remat, in_training in ((False, False), (True, False), (False, True)):
         vit = ViT3D(input_zyx=(112, 256, 352), patch_zyx=(16, 16, 32), width=768, depth=2, heads=12, mlp_dim=3072,
                     feature_blocks=(), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=remat)
@@ -83,10 +86,10 @@ def main():
         x = jnp.zeros((2, 112, 256, 352), jnp.float32)
         where = "under a mesh and the default sharding rules" if in_training else "no mesh"
         try:
-            if in_training:
-                with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
-                    calls = fused_calls(jax.jit(jax.value_and_grad(loss)).lower(params, x))
-            else:
+            with contextlib.ExitStack() as training_context:
+                if in_training:
+                    training_context.enter_context(jax.set_mesh(mesh))
+                    training_context.enter_context(sharding.axis_rules(cfg.sharding.rules))
                 calls = fused_calls(jax.jit(jax.value_and_grad(loss)).lower(params, x))
         except Exception as e:  # noqa: BLE001 (report it as a failed check, and go on)
             failures.append(f"image encoder ({where}) failed to lower: {type(e).__name__}: {e}")

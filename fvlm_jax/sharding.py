@@ -119,20 +119,25 @@ def axis_rules(rules):
         _active.rules = old
 
 
+def _active_rules_and_mesh():
+    """(rules table, abstract mesh) while tracing under both, else None."""
+    rules = getattr(_active, "rules", None)
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if rules is None or mesh.empty else (rules, mesh)
+
+
 def active_mesh_axes(name: str) -> tuple[str, ...]:
     """The mesh axes the active rules map logical axis `name` to (empty without active rules or mesh)."""
-    rules = getattr(_active, "rules", None)
-    if rules is None or jax.sharding.get_abstract_mesh().empty:
-        return ()
-    return tuple(rules.get(name, ()))
+    active = _active_rules_and_mesh()
+    return () if active is None else tuple(active[0].get(name, ()))
 
 
 def constrain(x, *names: str | None):
     """with_sharding_constraint by logical names, when a mesh and rules are active; the identity otherwise."""
-    rules = getattr(_active, "rules", None)
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
+    active = _active_rules_and_mesh()
+    if active is None:
         return x
+    rules, mesh = active
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, x.shape, mesh))
 
 
