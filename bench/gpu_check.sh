@@ -14,6 +14,9 @@
 # together. The profiled step's Perfetto trace is left in OUTDIR (open it in ui.perfetto.dev, or
 # `python bench/trace_summary.py OUTDIR/perfetto_trace.json.gz`).
 #
+# GPU_CHECK_PARTS picks parts by name (default: all, in this order): attention profile vs_pytorch remat xla_attention.
+# The profile part also dumps the step's optimized HLO, so trace_summary.py sums the time per model part.
+#
 # On the device tool's H200 (jax 0.11.2, flax 0.12.10, torch 2.11 there; ml-collections and monai carried as wheels
 # in .whl/, see the tool's README): install them with pip --target /tmp/site, export PYTHONPATH=/tmp/site, then
 # `bash bench/gpu_check.sh $OUT`.
@@ -33,24 +36,40 @@ part() {
   if ((left < 30)); then echo "(skipped: ${left} s of the ${budget} s budget left)"; return; fi
   timeout -k 5 $((limit < left ? limit : left)) "$@"
 }
+parts=" ${GPU_CHECK_PARTS:-attention profile vs_pytorch remat xla_attention} "
+want() { [[ $parts == *" $1 "* ]]; }
 {
   date -u
   timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"
   timeout 60 $PY -c "import jax, flax, optax, importlib.metadata as m; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', m.version('orbax-checkpoint'), \
 jax.devices())"
-  echo "== cuDNN fused attention: chosen by 'auto'? same values and gradients as XLA?"
-  part 60 $PY bench/gpu_attention_check.py
-  echo "== train step, paper preset (config default: no remat), batch 14, bf16, with a profile of 3 steps"
-  part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=5 --profile="$out/prof"
-  part 60 $PY bench/trace_summary.py "$out/prof" --top=25 --rows=3
-  find "$out/prof" -name perfetto_trace.json.gz -exec cp {} "$out/" \; 2>/dev/null; rm -rf "$out/prof"
-  echo "== image encoder: JAX bf16 vs MONAI ViT PyTorch fp32"
-  part 110 $PY bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda --rounds=3 --steps=5
-  echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
-  part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
-  echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat it"
-  echo "   had not reached its first timed step after 100 s on an H200)"
-  part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5 --attention=xla
+  if want attention; then
+    echo "== cuDNN fused attention: chosen by 'auto'? same values and gradients as XLA?"
+    part 60 $PY bench/gpu_attention_check.py
+  fi
+  if want profile; then
+    echo "== train step, paper preset (config default: no remat), batch 14, bf16, with a profile of 3 steps"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$out/hlo --xla_dump_hlo_module_re=.*step_fn.*" \
+      part 150 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=5 --profile="$out/prof"
+    part 60 $PY bench/trace_summary.py "$out/prof" --top=30 --rows=3 --hlo="$out/hlo"
+    find "$out/prof" -name perfetto_trace.json.gz -exec cp {} "$out/" \; 2>/dev/null; rm -rf "$out/prof"
+    find "$out/hlo" -name "*step_fn*after_optimizations.txt" -exec gzip -c {} \; > "$out/step_hlo.txt.gz" 2>/dev/null
+    rm -rf "$out/hlo"
+  fi
+  if want vs_pytorch; then
+    echo "== image encoder: JAX bf16 vs MONAI ViT PyTorch fp32"
+    part 110 $PY bench/vs_pytorch.py --size=paper --batch=14 --jax_dtype=bfloat16 --torch_device=cuda --rounds=3 \
+      --steps=5
+  fi
+  if want remat; then
+    echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
+    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
+  fi
+  if want xla_attention; then
+    echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat"
+    echo "   it had not reached its first timed step after 100 s on an H200)"
+    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5 --attention=xla
+  fi
   echo "gpu_check: done in ${SECONDS} s"
 } 2>&1 | tee "$out/gpu_check.txt"

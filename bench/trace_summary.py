@@ -1,12 +1,16 @@
 """Where a profiled step's time goes: the busiest ops of a `jax.profiler` Perfetto trace, per timeline row.
 
   python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --profile=/tmp/prof   # on the device
-  python bench/trace_summary.py /tmp/prof [--top=20] [--steps=3]
+  python bench/trace_summary.py /tmp/prof [--top=20] [--steps=3] [--hlo=DUMP_DIR]
 
 Reads the newest `perfetto_trace.json.gz` under the directory (or the file given). For each timeline row of a
 device (rows of processes named like /device:GPU:0 or /device:TPU:0; host rows when there is no device, as on
 XLA:CPU), prints the busy time per step and the ops that take most of it, so an MFU shortfall can be traced to
 kernels (matmuls, fused attention, elementwise fusions, copies) without TensorBoard.
+
+With --hlo (the step's optimized HLO text, or an `XLA_FLAGS=--xla_dump_to=DIR` directory holding it), each op is
+traced back to its `op_name` metadata and the time is also summed per model part: the named scopes of the model and
+train step (vision, anatomy_pool, text, loss, augment, optimizer), forward and backward apart.
 """
 
 from __future__ import annotations
@@ -66,15 +70,81 @@ def union_length(intervals) -> float:
     return total
 
 
+SCOPES = ("vision", "anatomy_pool", "text", "loss", "augment", "optimizer")
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+
+
+def hlo_op_names(path: Path) -> dict[str, str]:
+    """{instruction name -> op_name metadata} of an optimized HLO module (a file, or the newest
+    `*step_fn*after_optimizations.txt` of a dump directory). Names are also keyed with '.' and '-' as '_', the form
+    kernel names take."""
+    if path.is_dir():
+        found = sorted(path.rglob("*step_fn*after_optimizations.txt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit(f"no *step_fn*after_optimizations.txt under {path}")
+        path = found[-1]
+    opener = gzip.open if path.suffix == ".gz" else open
+    names = {}
+    with opener(path, "rt") as f:
+        for line in f:
+            m = _INSTR.match(line)
+            if m:
+                names[m.group(1)] = m.group(2)
+                names.setdefault(re.sub(r"[.\-]", "_", m.group(1)), m.group(2))
+    return names
+
+
+def scope_of(op_name: str) -> str:
+    """'jit(step_fn)/transpose(jvp(vision))/dot_general' -> 'vision backward'; the first named scope of SCOPES on
+    the path, 'backward' where a transpose wraps it (autodiff's backward pass); 'other' when there is none."""
+    for part in op_name.split("/"):
+        backward = False
+        while (m := re.fullmatch(r"(\w+)\((.*)\)", part)):
+            backward |= m.group(1) == "transpose"
+            part = m.group(2)
+        if part in SCOPES:
+            return part if part in ("optimizer", "augment") else f"{part} {'backward' if backward else 'forward'}"
+    return "other"
+
+
+def event_hlo_name(e) -> str:
+    """The HLO instruction an event ran: its 'hlo_op' argument where the trace has one, else its name."""
+    args = e.get("args") or {}
+    return str(args.get("hlo_op") or args.get("long_name") or e["name"])
+
+
+def by_scope(events, procs, threads, row, names):
+    """Time per named scope (µs) on one timeline row, and the ops that could not be traced to the HLO."""
+    per, unmatched = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if (procs.get(e["pid"], str(e["pid"])), threads.get((e["pid"], e["tid"]), str(e["tid"]))) != row:
+            continue
+        name = event_hlo_name(e)
+        op = names.get(name) or names.get(re.sub(r"[.\-]", "_", name))
+        if op is None:
+            unmatched[name] += float(e["dur"])
+            per["(not in the HLO)"] += float(e["dur"])
+        else:
+            per[scope_of(op)] += float(e["dur"])
+    return per, unmatched
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace", type=Path, help="profile directory or perfetto_trace.json.gz")
     ap.add_argument("--top", type=int, default=20, help="ops shown per row")
     ap.add_argument("--rows", type=int, default=4, help="busiest rows shown")
     ap.add_argument("--steps", type=int, default=3, help="steps in the trace (times are per step)")
+    ap.add_argument("--hlo", type=Path, default=None,
+                    help="the step's optimized HLO (file or XLA dump directory): also sum the time per model part")
     args = ap.parse_args()
     path, events, procs, threads = load_events(args.trace)
     rows = summarise(events, procs, threads)
+    names = hlo_op_names(args.hlo) if args.hlo else None
+    arg_keys = collections.Counter(k for e in events if e.get("ph") == "X" for k in (e.get("args") or {}))
+    print(f"event argument keys: {', '.join(k for k, _ in arg_keys.most_common(12)) or 'none'}")
     print(f"{path}: {len(events)} events, {len(rows)} rows; times per step (of {args.steps})")
     for (proc, row), (ops, busy) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:args.rows]:
         total = sum(ops.values())
@@ -86,6 +156,14 @@ def main():
         for name, us in ops.items():  # fusion.12, fusion.345 -> fusion
             kinds[re.sub(r"[._]\d+$", "", name)] += us
         print("  by kind: " + ", ".join(f"{k[:40]} {us / total:.0%}" for k, us in kinds.most_common(8)))
+        if names is not None:
+            per, unmatched = by_scope(events, procs, threads, (proc, row), names)
+            print("  by model part (summed op time per step):")
+            for part, us in sorted(per.items(), key=lambda kv: -kv[1]):
+                print(f"  {us / args.steps / 1e3:8.3f} ms  {us / total:6.1%}  {part}")
+            if unmatched:
+                print("  not in the HLO, most time first: "
+                      + ", ".join(f"{n[:50]} ({us / args.steps / 1e3:.2f} ms)" for n, us in unmatched.most_common(6)))
 
 
 if __name__ == "__main__":

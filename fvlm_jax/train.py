@@ -67,6 +67,11 @@ def _embed(model: FVLM, batch: dict, method: str):
 
 def _loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
     """The contrastive loss of the global batch from its embeddings. Returns (loss, per-anatomy losses)."""
+    with jax.named_scope("loss"):
+        return _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, mesh)
+
+
+def _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
     if method == "clip":
         return losses.clip_loss(img[:, 0], txt, temperature=temperature), jnp.zeros((0,))
     kw = dict(valid=(intact & batch["has_text"]).T, normal=batch["normal"].T, text_id=batch["text_id"].T,
@@ -168,7 +173,8 @@ class Trainer:
         def step_fn(state, batch):
             with sharding.axis_rules(rules):
                 if "labels_packed" in batch:  # tf.data batches: unpack the labels and flip on the device
-                    batch = augment.finish_on_device(batch, width)
+                    with jax.named_scope("augment"):
+                        batch = augment.finish_on_device(batch, width)
                 if num_micro > 1:
                     (loss, aux), grads = accumulated_value_and_grad(
                         graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec)
@@ -177,8 +183,9 @@ class Trainer:
                         return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh)
 
                     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
+            with jax.named_scope("optimizer"):
+                updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+                params = optax.apply_updates(state["params"], updates)
             metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
                        **aux, "temperature": nnx.merge(graphdef, params).temp()}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -90,16 +90,20 @@ class FVLM(nnx.Module):
 
         Returns (emb [B, A, E] L2-normalised; A = 1 for the global-pool baseline, present [B, A], intact [B, A]).
         """
-        levels = self.vision(image)
-        present, intact = anatomy.presence_and_intact(labels, self.num_anatomies)
-        if self.global_pool:
-            member = jnp.ones((image.shape[0], 1, levels.shape[2]), bool)
-        else:
-            member = anatomy.token_membership(labels, self.num_anatomies, self.patch_zyx)
-        pooled = self.pool(levels, member)
-        emb = jnp.einsum("bad,ade->bae", pooled.astype(jnp.float32), self.img_proj[...])
-        return l2_normalize(emb), present, intact
+        # Named scopes label the ops in profiles (bench/trace_summary.py --hlo sums the step's time per scope).
+        with jax.named_scope("vision"):
+            levels = self.vision(image)
+        with jax.named_scope("anatomy_pool"):
+            present, intact = anatomy.presence_and_intact(labels, self.num_anatomies)
+            if self.global_pool:
+                member = jnp.ones((image.shape[0], 1, levels.shape[2]), bool)
+            else:
+                member = anatomy.token_membership(labels, self.num_anatomies, self.patch_zyx)
+            pooled = self.pool(levels, member)
+            emb = jnp.einsum("bad,ade->bae", pooled.astype(jnp.float32), self.img_proj[...])
+            return l2_normalize(emb), present, intact
 
     def encode_text(self, tokens):
         """tokens: [..., T] ids with [CLS] first. Returns [..., E] L2-normalised."""
-        return l2_normalize(self.txt_proj(self.text(tokens).astype(jnp.float32)))
+        with jax.named_scope("text"):
+            return l2_normalize(self.txt_proj(self.text(tokens).astype(jnp.float32)))
