@@ -14,7 +14,8 @@
 # together. The profiled step's Perfetto trace is left in OUTDIR (open it in ui.perfetto.dev, or
 # `python bench/trace_summary.py OUTDIR/perfetto_trace.json.gz`).
 #
-# GPU_CHECK_PARTS picks parts by name (default: all, in this order): attention profile vs_pytorch remat xla_attention.
+# GPU_CHECK_PARTS picks parts by name (default: all but flags, in this order): attention profile vs_pytorch remat
+# flags xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each.
 # The profile part also dumps the step's optimized HLO, so trace_summary.py sums the time per model part.
 #
 # On the device tool's H200 (jax 0.11.2, flax 0.12.10, torch 2.11 there; ml-collections and monai carried as wheels
@@ -65,6 +66,18 @@ jax.devices())"
   if want remat; then
     echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
     part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
+  fi
+  if want flags; then
+    echo "== train step, paper preset, batch 14, bf16: XLA GPU flag variants (one process each)"
+    for flags in ${GPU_CHECK_FLAGS:-none --xla_gpu_enable_cublaslt=true --xla_gpu_enable_command_buffer= \
+                 --xla_gpu_enable_cudnn_layer_norm=true}; do
+      [[ $flags == none ]] && flags=""
+      echo "-- XLA_FLAGS='${flags}' ($((budget - SECONDS)) s of the budget left)"
+      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-80}" $PY bench/train_step.py \
+        --preset=paper --batch=14 --dtype=bfloat16 --steps=6 > "$out/flags.log" 2>&1
+      echo "   exit $?"
+      grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
+    done
   fi
   if want xla_attention; then
     echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat"

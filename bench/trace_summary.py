@@ -107,28 +107,45 @@ def scope_of(op_name: str) -> str:
     return "other"
 
 
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's (or XLA op's) kind from its name: library matmul, fused attention, reduction or elementwise
+    fusion, copy, other."""
+    low = name.lower()
+    if any(k in low for k in ("sdpa", "fmha", "flash", "compute_dot_do_o")):
+        return "attention (cuDNN)"
+    if re.match(r"(nvjet|sm\d+_xmma|cutlass|ampere_|hopper_|cublas)", low) or "gemm" in low:
+        return "matmul"
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    if "reduce" in low:
+        return "reduction fusion"
+    if "fusion" in low or low.startswith(("wrapped_", "loop_", "input_")):
+        return "elementwise fusion"
+    return "other"
+
+
 def event_hlo_name(e) -> str:
-    """The HLO instruction an event ran: its 'hlo_op' argument where the trace has one, else its name."""
-    args = e.get("args") or {}
-    return str(args.get("hlo_op") or args.get("long_name") or e["name"])
+    """The HLO instruction an event ran: its 'hlo_op' argument where that names one op (not a command buffer, a
+    CUDA graph of many ops), else the event's name (kernel names are HLO fusion names with '.' as '_')."""
+    op = str((e.get("args") or {}).get("hlo_op") or "")
+    return op if op and not op.startswith("command_buffer") else e["name"]
 
 
-def by_scope(events, procs, threads, row, names):
-    """Time per named scope (µs) on one timeline row, and the ops that could not be traced to the HLO."""
-    per, unmatched = collections.Counter(), collections.Counter()
+def by_part(events, procs, threads, row, names):
+    """Time per model part (µs) on one timeline row, and per (part, kernel kind). Library kernels (cuBLAS, cuDNN)
+    launched inside a CUDA graph carry no HLO name; they are counted as '(library kernel)'."""
+    per, per_kind = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
+        if e.get("ph") != "X" or "dur" not in e or e["name"].startswith("command_buffer"):
             continue
         if (procs.get(e["pid"], str(e["pid"])), threads.get((e["pid"], e["tid"]), str(e["tid"]))) != row:
             continue
         name = event_hlo_name(e)
         op = names.get(name) or names.get(re.sub(r"[.\-]", "_", name))
-        if op is None:
-            unmatched[name] += float(e["dur"])
-            per["(not in the HLO)"] += float(e["dur"])
-        else:
-            per[scope_of(op)] += float(e["dur"])
-    return per, unmatched
+        part = scope_of(op) if op is not None else "(library kernel)"
+        per[part] += float(e["dur"])
+        per_kind[(part, kernel_kind(e["name"]))] += float(e["dur"])
+    return per, per_kind
 
 
 def main():
@@ -153,17 +170,19 @@ def main():
         for name, us in ops.most_common(args.top):
             print(f"  {us / args.steps / 1e3:8.3f} ms  {us / total:6.1%}  {name[:110]}")
         kinds = collections.Counter()
-        for name, us in ops.items():  # fusion.12, fusion.345 -> fusion
-            kinds[re.sub(r"[._]\d+$", "", name)] += us
-        print("  by kind: " + ", ".join(f"{k[:40]} {us / total:.0%}" for k, us in kinds.most_common(8)))
+        for name, us in ops.items():
+            if not name.startswith("command_buffer"):  # a CUDA graph's span: its kernels are counted themselves
+                kinds[kernel_kind(name)] += us
+        kinds_total = sum(kinds.values()) or 1.0
+        print("  by kernel kind: " + ", ".join(f"{k} {us / args.steps / 1e3:.2f} ms ({us / kinds_total:.0%})"
+                                               for k, us in kinds.most_common()))
         if names is not None:
-            per, unmatched = by_scope(events, procs, threads, (proc, row), names)
-            print("  by model part (summed op time per step):")
+            per, per_kind = by_part(events, procs, threads, (proc, row), names)
+            print("  by model part (kernel time per step; forward/backward from autodiff's transpose):")
             for part, us in sorted(per.items(), key=lambda kv: -kv[1]):
-                print(f"  {us / args.steps / 1e3:8.3f} ms  {us / total:6.1%}  {part}")
-            if unmatched:
-                print("  not in the HLO, most time first: "
-                      + ", ".join(f"{n[:50]} ({us / args.steps / 1e3:.2f} ms)" for n, us in unmatched.most_common(6)))
+                split = ", ".join(f"{k} {v / args.steps / 1e3:.2f}" for (p, k), v in per_kind.most_common()
+                                  if p == part)
+                print(f"  {us / args.steps / 1e3:8.3f} ms  {us / kinds_total:6.1%}  {part}  ({split})")
 
 
 if __name__ == "__main__":

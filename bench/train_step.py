@@ -117,26 +117,36 @@ def main():
     t0 = time.perf_counter()
     jax.block_until_ready(trainer.train_step(batches[0]))
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(trainer.train_step(batches[1]))
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        metrics = trainer.train_step(batches[i % 2])
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
-    # The same step on batches already on the device: the compute alone, without the host-to-device copy of the
-    # batch (which a training loop can overlap with the previous step by prefetching to the device).
-    on_device = [trainer.global_batch(b) for b in batches]
-    with jax.set_mesh(trainer.mesh):
-        jax.block_until_ready(on_device)
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            trainer.state, metrics = trainer.step_fn(trainer.state, on_device[i % 2])
+
+    last = {}
+
+    def timed(feed) -> float:
+        """Seconds per step over args.steps steps of `feed` (an iterator of device batches), after one untimed
+        step of it (the first batch of a prefetching feed waits for the thread's first copy)."""
+        metrics = trainer.step_on_device(next(feed))
         jax.block_until_ready(metrics)
-    device_step_s = (time.perf_counter() - t0) / args.steps
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            metrics = trainer.step_on_device(next(feed))
+        jax.block_until_ready(metrics)
+        last["metrics"] = metrics
+        return (time.perf_counter() - t0) / args.steps
+
+    def host_batches():
+        for i in range(args.steps + 1):
+            yield batches[i % 2]
+
+    # 1) Batches already on the device: the compute alone. 2) As the training loop feeds it: host batches copied
+    # to the device ahead in a background thread (data.prefetch_to_device). 3) The host batch copied in the loop.
+    on_device = [trainer.global_batch(b) for b in batches]
+    jax.block_until_ready(on_device)
+    device_step_s = timed(on_device[i % 2] for i in range(args.steps + 1))
     del on_device
+    prefetch_step_s = timed(trainer.device_batches(host_batches(), ahead=2))
+    step_s = timed(trainer.global_batch(b) for b in host_batches())
 
     f = flops.train_step_flops(cfg, args.batch, args.method)
-    achieved = f["total"] / step_s / 1e12
+    achieved = f["total"] / prefetch_step_s / 1e12
     stats = dev.memory_stats() or {}
     mem = stats.get("peak_bytes_in_use")
     remat = f"True ({cfg.model.remat_policy})" if cfg.model.remat else "False"
@@ -147,24 +157,25 @@ def main():
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")
-    print(f"step time: {step_s * 1e3:.1f} ms   volumes/s: {args.batch / step_s:.1f}   (batch from host memory)")
-    print(f"step time: {device_step_s * 1e3:.1f} ms   volumes/s: {args.batch / device_step_s:.1f}   "
-          f"(batch already on the device)")
+    feeds = {"host batch copied in the loop": step_s, "host batches prefetched to the device (training loop)":
+             prefetch_step_s, "batch already on the device": device_step_s}
+    for label, t in feeds.items():
+        print(f"step time: {t * 1e3:.1f} ms   volumes/s: {args.batch / t:.1f}   ({label})")
     print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
-          f"{f['text'] / f['total']:.0%})   achieved: {achieved:.2f} TFLOP/s")
+          f"{f['text'] / f['total']:.0%})   achieved: {achieved:.2f} TFLOP/s (prefetched)")
     if peak:
-        print(f"MFU: {achieved / peak:.1%} of {peak:.0f} TFLOP/s (batch from host memory), "
-              f"{f['total'] / device_step_s / 1e12 / peak:.1%} (batch on the device)")
+        print("MFU: " + ", ".join(f"{f['total'] / t / 1e12 / peak:.1%} ({label.split(' (')[0]})"
+                                  for label, t in feeds.items()) + f" of {peak:.0f} TFLOP/s")
     else:
         print("MFU: no peak known for this device (pass --peak_tflops)")
     if mem is not None:
         print(f"peak device memory: {mem / 2**30:.2f} GiB")
     print(f"peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
-    assert np.isfinite(float(metrics["loss"]))
+    assert np.isfinite(float(last["metrics"]["loss"]))
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            for i in range(3):
-                metrics = trainer.train_step(batches[i % 2])
+            for batch in trainer.device_batches((batches[i % 2] for i in range(3)), ahead=2):
+                metrics = trainer.step_on_device(batch)
             jax.block_until_ready(metrics)
         print(f"profile of 3 steps written under {args.profile} (python bench/trace_summary.py {args.profile})")
 

@@ -123,3 +123,50 @@ def test_bad_remat_policy_is_named():
     trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
     with pytest.raises(ValueError, match="remat_policy"):
         trainer.train_step(synthetic.random_batch(cfg, 4, seed=0))
+
+
+def test_prefetch_keeps_order_bounds_its_lead_and_stops_when_closed():
+    import threading
+    import time
+
+    made = []
+
+    def items():
+        for i in range(100):
+            made.append(i)
+            yield i
+
+    gen = train.prefetch(items(), lambda x: x * 10, ahead=2)
+    assert [next(gen) for _ in range(3)] == [0, 10, 20]
+    time.sleep(0.3)  # the thread fills the queue and waits
+    assert len(made) <= 3 + 2 + 1  # consumed + queued + the one waiting to be put
+    gen.close()
+    time.sleep(0.3)
+    assert not any(t.name == "prefetch_to_device" and t.is_alive() for t in threading.enumerate())
+    assert len(made) < 100
+
+
+def test_prefetch_raises_the_producers_error_in_order():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad record")
+
+    gen = train.prefetch(items(), lambda x: x, ahead=4)
+    assert next(gen) == 1 and next(gen) == 2
+    with pytest.raises(ValueError, match="bad record"):
+        next(gen)
+
+
+def test_device_prefetch_and_lagged_metrics_log_what_the_plain_loop_logs(tmp_path):
+    rows = {}
+    for ahead in (0, 2):
+        cfg = tiny_config()
+        cfg.train.steps, cfg.train.checkpoint_every = 5, 3  # a saved step inside, and a last one that is not
+        cfg.data.prefetch_to_device = ahead
+        train.train(cfg, "fvlm", str(tmp_path / str(ahead)), synthetic_batches(cfg), progress=False)
+        rows[ahead] = [json.loads(line) for line in (tmp_path / str(ahead) / "metrics.jsonl").read_text().splitlines()]
+        saved = sorted(int(p.name) for p in (tmp_path / str(ahead) / "checkpoints").iterdir() if p.name.isdigit())
+        assert saved == [3, 5]
+    assert [r["step"] for r in rows[2]] == [1, 2, 3, 4, 5]
+    assert rows[0] == rows[2]
