@@ -63,10 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model.dtype = "bfloat16"
     # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and
-    # remat (nothing_saveable) made the step 2.2x slower (57.9 -> 126.6 ms; README "Train-step speed"). Where the
-    # attention is XLA's (TPU), the [B, H, N, N] logits are kept: XLA:CPU's memory analysis estimates 39 GiB without
-    # remat and 31.7 GiB with it at 14 volumes per device; with less memory than that, set model.remat=True and
-    # train.grad_accum_steps=2 (18.8 GiB).
+    # remat (nothing_saveable) made the step 2.2x slower (57.9 -> 126.6 ms, both with the batch copied in the loop;
+    # README "Train-step speed"). Where the attention is XLA's (TPU), the [B, H, N, N] logits are kept: XLA:CPU's
+    # memory analysis estimates 39 GiB without remat and 31.7 GiB with it at 14 volumes per device; with less memory
+    # than that, set model.remat=True and train.grad_accum_steps=2 (18.8 GiB).
     c.model.remat = False
 
     c.train.batch_size = 56
