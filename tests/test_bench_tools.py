@@ -67,14 +67,19 @@ def test_summary_of_a_real_profile(tmp_path):
         trace_summary.load_events(tmp_path / "nothing")
 
 
-HLO = """HloModule jit_step_fn, is_scheduled=true
-ENTRY %main.1 (p: f32[4]) -> f32[4] {
-  %input_add_reduce_fusion.106 = (bf16[112,3072]{1,0}) fusion(%a), kind=kInput, calls=%f.1, metadata={op_name="jit(step_fn)/transpose(jvp(vision))/reduce_sum" stack_frame_id=1}
-  %loop_slice_fusion.11 = bf16[2]{0} fusion(%b), kind=kLoop, calls=%f.2, metadata={op_name="jit(step_fn)/jvp(text)/slice"}
-  ROOT %add_select_fusion.1 = s32[] fusion(%c), kind=kLoop, calls=%f.3, metadata={op_name="jit(step_fn)/optimizer/jit(_where)/select_n"}
-  %custom-call.7 = f32[2] custom-call(%d), custom_call_target="__cublas$gemm", metadata={op_name="jit(step_fn)/sqrt"}
-}
-"""
+def _instr(name: str, rest: str, op_name: str) -> str:
+    return f'  {name} = {rest}, metadata={{op_name="{op_name}" stack_frame_id=1}}\n'
+
+
+HLO = ("HloModule jit_step_fn, is_scheduled=true\nENTRY %main.1 (p: f32[4]) -> f32[4] {\n"
+       + _instr("%input_add_reduce_fusion.106", "(bf16[112,3072]{1,0}) fusion(%a), kind=kInput, calls=%f.1",
+                "jit(step_fn)/transpose(jvp(vision))/reduce_sum")
+       + _instr("%loop_slice_fusion.11", "bf16[2]{0} fusion(%b), kind=kLoop, calls=%f.2",
+                "jit(step_fn)/jvp(text)/slice")
+       + _instr("ROOT %add_select_fusion.1", "s32[] fusion(%c), kind=kLoop, calls=%f.3",
+                "jit(step_fn)/optimizer/jit(_where)/select_n")
+       + _instr("%custom-call.7", 'f32[2] custom-call(%d), custom_call_target="__cublas$gemm"', "jit(step_fn)/sqrt")
+       + "}\n")
 
 
 def test_scope_of_names_the_model_part_and_the_pass():
