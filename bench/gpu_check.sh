@@ -52,7 +52,7 @@ jax.devices())"
   if want profile; then
     echo "== train step, paper preset (config default: no remat), batch 14, bf16, with a profile of 3 steps"
     XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$out/hlo --xla_dump_hlo_module_re=.*step_fn.*" \
-      part 150 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=5 --profile="$out/prof"
+      part 150 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --profile="$out/prof"
     part 60 $PY bench/trace_summary.py "$out/prof" --top=30 --rows=3 --hlo="$out/hlo"
     find "$out/prof" -name perfetto_trace.json.gz -exec cp {} "$out/" \; 2>/dev/null; rm -rf "$out/prof"
     find "$out/hlo" -name "*step_fn*after_optimizations.txt" -exec gzip -c {} \; > "$out/step_hlo.txt.gz" 2>/dev/null
@@ -65,7 +65,7 @@ jax.devices())"
   fi
   if want remat; then
     echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
-    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=5
+    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=10
   fi
   if want flags; then
     echo "== train step, paper preset, batch 14, bf16: XLA GPU flag variants (one process each)"
@@ -74,7 +74,7 @@ jax.devices())"
       [[ $flags == none ]] && flags=""
       echo "-- XLA_FLAGS='${flags}' ($((budget - SECONDS)) s of the budget left)"
       XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-80}" $PY bench/train_step.py \
-        --preset=paper --batch=14 --dtype=bfloat16 --steps=6 > "$out/flags.log" 2>&1
+        --preset=paper --batch=14 --dtype=bfloat16 --steps=10 > "$out/flags.log" 2>&1
       echo "   exit $?"
       grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
     done
@@ -82,7 +82,7 @@ jax.devices())"
   if want xla_attention; then
     echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat"
     echo "   it had not reached its first timed step after 100 s on an H200)"
-    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=5 --attention=xla
+    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=10 --attention=xla
   fi
   echo "gpu_check: done in ${SECONDS} s"
 } 2>&1 | tee "$out/gpu_check.txt"

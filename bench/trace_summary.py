@@ -46,14 +46,16 @@ def load_events(path: Path):
 def summarise(events, procs, threads):
     """{(process, row): (Counter(op name -> total µs), busy µs)} over complete ('X') events; device rows only, if
     the trace has any. Busy time is the union of the row's event intervals, so nested events (host rows, or a
-    module event around its ops) count once; the per-op totals do count nested time in each op."""
+    module event around its ops) count once; the per-op totals do count nested time in each op, except a CUDA
+    graph's span (`command_buffer_N`), whose kernels are events of their own and counted as such."""
     ops: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
     spans: dict[tuple[str, str], list] = collections.defaultdict(list)
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
         row = (procs.get(e["pid"], str(e["pid"])), threads.get((e["pid"], e["tid"]), str(e["tid"])))
-        ops[row][e["name"]] += float(e["dur"])
+        if not e["name"].startswith("command_buffer"):
+            ops[row][e["name"]] += float(e["dur"])
         spans[row].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     rows = {row: (ops[row], union_length(spans[row])) for row in ops}
     device = {k: v for k, v in rows.items() if "/device:" in k[0]}
@@ -108,16 +110,22 @@ def scope_of(op_name: str) -> str:
 
 
 def kernel_kind(name: str) -> str:
-    """A GPU kernel's (or XLA op's) kind from its name: library matmul, fused attention, reduction or elementwise
-    fusion, copy, other."""
+    """A kernel's (or XLA op's) kind from its name: collective, cuDNN attention, matmul, reduction fusion,
+    elementwise fusion, fusion (a bare `fusion.N`, whose kind the name does not tell), copy, other."""
     low = name.lower()
+    if any(k in low for k in ("nccl", "all-reduce", "all_reduce", "allreduce", "all-gather", "all_gather",
+                              "reduce-scatter", "reduce_scatter", "all-to-all", "collective-permute")):
+        return "collective"
     if any(k in low for k in ("sdpa", "fmha", "flash", "compute_dot_do_o")):
         return "attention (cuDNN)"
-    if re.match(r"(nvjet|sm\d+_xmma|cutlass|ampere_|hopper_|cublas)", low) or "gemm" in low:
+    if (re.match(r"(nvjet|sm\d+_xmma|cutlass|ampere_|hopper_|cublas|dot[._]|dot$|dot_general|convolution|ynn_|"
+                 r"xnn_|onednn)", low) or "gemm" in low):
         return "matmul"
     if "memcpy" in low or "memset" in low:
         return "copy"
-    if "reduce" in low:
+    if re.match(r"fusion[._]?\d*$", low):
+        return "fusion"
+    if "reduce" in low and "reduce_precision" not in low:
         return "reduction fusion"
     if "fusion" in low or low.startswith(("wrapped_", "loop_", "input_")):
         return "elementwise fusion"
@@ -132,8 +140,12 @@ def event_hlo_name(e) -> str:
 
 
 def by_part(events, procs, threads, row, names):
-    """Time per model part (µs) on one timeline row, and per (part, kernel kind). Library kernels (cuBLAS, cuDNN)
-    launched inside a CUDA graph carry no HLO name; they are counted as '(library kernel)'."""
+    """Time per model part (µs) on one timeline row, and per (part, kernel kind).
+
+    A fusion counts for the part its root op belongs to, so work XLA fuses across parts (a gradient finished inside
+    the optimizer's update kernel) counts for one of them. Library kernels (cuBLAS, cuDNN) launched inside a CUDA
+    graph carry no HLO name: '(library kernel in a CUDA graph)'. Other events without an HLO op (copies, host or
+    runtime events) are '(not an HLO op)'."""
     per, per_kind = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") != "X" or "dur" not in e or e["name"].startswith("command_buffer"):
@@ -142,7 +154,12 @@ def by_part(events, procs, threads, row, names):
             continue
         name = event_hlo_name(e)
         op = names.get(name) or names.get(re.sub(r"[.\-]", "_", name))
-        part = scope_of(op) if op is not None else "(library kernel)"
+        if op is not None:
+            part = scope_of(op)
+        elif str((e.get("args") or {}).get("hlo_op", "")).startswith("command_buffer"):
+            part = "(library kernel in a CUDA graph)"
+        else:
+            part = "(not an HLO op)"
         per[part] += float(e["dur"])
         per_kind[(part, kernel_kind(e["name"]))] += float(e["dur"])
     return per, per_kind

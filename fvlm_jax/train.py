@@ -220,7 +220,8 @@ class Trainer:
         return metrics
 
     def device_batches(self, local_batches: Iterator[dict], ahead: int = 2) -> Iterator[dict]:
-        """The batches as global device arrays, copied up to `ahead` batches early in a background thread.
+        """The batches as global device arrays, copied ahead in a background thread (`ahead` queued, one more
+        waiting for room).
 
         The host-to-device copy of a batch is host work of tens of milliseconds at the paper's size; done ahead it
         overlaps the running step (on an H200 with 14 volumes per step, in one run of bench/train_step.py: 81.6 ms
@@ -250,7 +251,8 @@ class Trainer:
 
 
 def prefetch(items: Iterator, fn: Callable, ahead: int) -> Iterator:
-    """Yields fn(item) for each item, computed in a background thread up to `ahead` items early.
+    """Yields fn(item) for each item, computed in a background thread ahead of the consumer: up to `ahead` results
+    queued, and one more computed and waiting for room.
 
     Exceptions in the thread (of the iterator or of fn) are raised here, in order. Closing the generator (or an
     exception in the consumer) stops the thread at its next item.
@@ -271,7 +273,9 @@ def prefetch(items: Iterator, fn: Callable, ahead: int) -> Iterator:
     def work():
         try:
             for item in items:
-                if stop.is_set() or not put(("ok", fn(item))):
+                if stop.is_set():  # also after a source that blocked past the consumer's close
+                    return
+                if not put(("ok", fn(item))):
                     return
             put(("ok", done))
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
@@ -290,6 +294,8 @@ def prefetch(items: Iterator, fn: Callable, ahead: int) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=10)
+        if thread.is_alive():  # blocked inside the source iterator; a daemon thread, it ends with the process
+            log.warning("prefetch: the batch source did not return within 10 s of closing; left its thread behind")
 
 
 class Preempted(Exception):
@@ -460,16 +466,16 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
             for batch in device_batches:
                 metrics = trainer.step_on_device(batch)
                 step += 1
-                if pending is not None:
-                    record(*pending)
-                pending = (step, metrics)
+                previous, pending = pending, (step, metrics)
+                if previous is not None:
+                    record(*previous)
                 saved = step % cfg.train.checkpoint_every == 0 or step == total
                 # Asked at every step (with several processes all of them must ask about the same steps), and at
                 # the last step too: a notice there must stop what would run next (another method, eval).
                 stop = preemption.reached(step, mngr)
                 if saved or stop or step >= total:
-                    record(*pending)
-                    pending = None
+                    current, pending = pending, None
+                    record(*current)
                 if saved:
                     trainer.save(mngr)
                 if stop:
@@ -482,8 +488,21 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                     raise Preempted(msg)
                 if step >= total:
                     break
-            if pending is not None:  # the batches ended before cfg.train.steps
-                record(*pending)
+            if pending is not None:
+                current, pending = pending, None
+                record(*current)
+            if step < total:
+                log.warning("%s: the batches ended at step %d, before train.steps=%d; the last checkpoint is step "
+                            "%s", method, step, total, mngr.latest_step())
+        except FloatingPointError:  # an earlier step was non-finite: the one dispatched after it is not news
+            raise
+        except BaseException:
+            # A step dispatched but not yet checked (the data source failed, or an interrupt): check and log it
+            # before the error propagates, so a non-finite step is not hidden behind it.
+            if pending is not None:
+                current, pending = pending, None
+                record(*current)
+            raise
         finally:
             device_batches.close()
 

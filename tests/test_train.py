@@ -170,3 +170,28 @@ def test_device_prefetch_and_lagged_metrics_log_what_the_plain_loop_logs(tmp_pat
         assert saved == [3, 5]
     assert [r["step"] for r in rows[2]] == [1, 2, 3, 4, 5]
     assert rows[0] == rows[2]
+
+
+def test_a_failing_data_source_still_logs_the_step_before_it(tmp_path):
+    cfg = tiny_config()
+
+    def batches(start):
+        for i in itertools.count(start):
+            if i == 3:
+                raise ValueError("corrupt record")
+            yield synthetic.random_batch(cfg, cfg.train.batch_size, seed=i)
+
+    with pytest.raises(ValueError, match="corrupt record"):
+        train.train(cfg, "fvlm", str(tmp_path), batches, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 was dispatched but unchecked when the source failed
+
+
+def test_batches_ending_early_are_reported(tmp_path, caplog):
+    cfg = tiny_config()
+    few = lambda start: (synthetic.random_batch(cfg, cfg.train.batch_size, seed=i) for i in range(start, 3))  # noqa: E731
+    with caplog.at_level("WARNING", logger="fvlm_jax.train"):
+        train.train(cfg, "fvlm", str(tmp_path), few, progress=False)
+    assert "the batches ended at step 3, before train.steps=6; the last checkpoint is step 2" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
