@@ -228,10 +228,8 @@ class Trainer:
         per step with the copy in the loop, 50.2 ms with it done ahead). ahead=0 copies in the loop.
         """
         if ahead <= 0:
-            for b in local_batches:
-                yield self.global_batch(b)
-            return
-        yield from prefetch(local_batches, self.global_batch, ahead)
+            return (self.global_batch(b) for b in local_batches)
+        return prefetch(local_batches, self.global_batch, ahead)
 
     # Checkpoints -------------------------------------------------------------------------------------------
     def checkpoint_manager(self, directory: str) -> ocp.CheckpointManager:
@@ -460,22 +458,28 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                         tb.flush()
 
         pending = None  # (step, metrics) dispatched but not yet fetched
+
+        def flush() -> None:
+            """Record the pending step, if any (cleared first, so a failing check is not repeated)."""
+            nonlocal pending
+            if pending is not None:
+                current, pending = pending, None
+                record(*current)
+
         step = start
         device_batches = trainer.device_batches(batches(start), ahead)
         try:
             for batch in device_batches:
                 metrics = trainer.step_on_device(batch)
+                flush()  # the step before this one, while this one runs
                 step += 1
-                previous, pending = pending, (step, metrics)
-                if previous is not None:
-                    record(*previous)
+                pending = (step, metrics)
                 saved = step % cfg.train.checkpoint_every == 0 or step == total
                 # Asked at every step (with several processes all of them must ask about the same steps), and at
                 # the last step too: a notice there must stop what would run next (another method, eval).
                 stop = preemption.reached(step, mngr)
                 if saved or stop or step >= total:
-                    current, pending = pending, None
-                    record(*current)
+                    flush()
                 if saved:
                     trainer.save(mngr)
                 if stop:
@@ -488,9 +492,7 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                     raise Preempted(msg)
                 if step >= total:
                     break
-            if pending is not None:
-                current, pending = pending, None
-                record(*current)
+            flush()
             if step < total:
                 log.warning("%s: the batches ended at step %d, before train.steps=%d; the last checkpoint is step "
                             "%s", method, step, total, mngr.latest_step())
@@ -499,9 +501,7 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
         except BaseException:
             # A step dispatched but not yet checked (the data source failed, or an interrupt): check and log it
             # before the error propagates, so a non-finite step is not hidden behind it.
-            if pending is not None:
-                current, pending = pending, None
-                record(*current)
+            flush()
             raise
         finally:
             device_batches.close()
