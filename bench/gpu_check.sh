@@ -15,7 +15,7 @@
 # `python bench/trace_summary.py OUTDIR/perfetto_trace.json.gz`).
 #
 # GPU_CHECK_PARTS picks parts by name (default: all but flags, in this order): attention profile vs_pytorch remat
-# flags xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each.
+# flags encode xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each.
 # The profile part also dumps the step's optimized HLO, so trace_summary.py sums the time per model part.
 #
 # On the device tool's H200 (jax 0.11.2, flax 0.12.10, torch 2.11 there; ml-collections and monai carried as wheels
@@ -37,7 +37,7 @@ part() {
   if ((left < 30)); then echo "(skipped: ${left} s of the ${budget} s budget left)"; return; fi
   timeout -k 5 $((limit < left ? limit : left)) "$@"
 }
-parts=" ${GPU_CHECK_PARTS:-attention profile vs_pytorch remat xla_attention} "
+parts=" ${GPU_CHECK_PARTS:-attention profile vs_pytorch remat encode xla_attention} "
 want() { [[ $parts == *" $1 "* ]]; }
 {
   date -u
@@ -78,6 +78,10 @@ jax.devices())"
       echo "   exit $?"
       grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
     done
+  fi
+  if want encode; then
+    echo "== zero-shot evaluation's image encoding, paper preset, batch 14, bf16: copy in the loop vs copied ahead"
+    part 90 $PY bench/encode.py --preset=paper --batch=14 --dtype=bfloat16 --batches=10 --rounds=3
   fi
   if want xla_attention; then
     echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat"

@@ -72,9 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "all": every record each epoch; "one_per_epoch": one reconstruction of each scan per epoch, drawn afresh each
     # epoch (scans are grouped by CT-RATE's volume names, train_1_a_1 and train_1_a_2 -> train_1_a).
     c.data.reconstructions = "all"
-    # Batches copied to the devices ahead of the step that uses them, in a background thread (0: in the loop). At the
-    # paper's size on one H200 a step took 81.6 ms with the copy in the loop, 50.2 ms with it done ahead (README,
-    # "Train-step speed").
+    # Batches copied to the devices ahead of the training step (or evaluation batch) that uses them, in a background
+    # thread (0: in the loop). At the paper's size on one H200 a step took 81.6 ms with the copy in the loop, 50.2 ms
+    # with it done ahead (README, "Train-step speed").
     c.data.prefetch_to_device = 2
 
     c.prep = ml_collections.ConfigDict()

@@ -18,49 +18,101 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from sklearn import metrics as skm
+from tqdm.auto import tqdm
 
 from fvlm_jax import sharding
 from fvlm_jax.models.fvlm import FVLM
+from fvlm_jax.prefetch import prefetch
 
 
-def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None):
-    """A jitted fn(image uint8 [B, Z, Y, X], labels [B, Z, Y, X]) -> (emb [B, A, E], present, intact).
+class ImageEncoder:
+    """Embeds CT volumes with a model's image tower: call it with host arrays (image uint8 [B, Z, Y, X], labels
+    [B, Z, Y, X]) to get device arrays (emb [B, A, E], present [B, A], intact [B, A]).
 
-    With a mesh (and the sharding rules), the batch is split over the mesh's batch axes like in training, so
-    evaluation uses every device; every process must then pass the same whole batch.
+    The call is two parts that can run in different threads: `put` copies a batch to the devices, `encode` runs the
+    jitted encoder on the copy (asynchronously, as JAX dispatches). With a mesh (and the sharding rules), the batch
+    is split over the mesh's batch axes as in training, so evaluation uses every device; every process must then
+    pass the same whole batch, and the outputs are replicated so that every process can read them back.
     """
-    graphdef, state = nnx.split(model)
 
-    def encode(state, image, labels):
-        with sharding.axis_rules(rules or sharding.DEFAULT_RULES):
-            return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
+    def __init__(self, model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None):
+        graphdef, self._state = nnx.split(model)
+        rules = rules or sharding.DEFAULT_RULES
 
-    if mesh is None:
-        enc = jax.jit(encode)
-        return lambda image, labels: enc(state, image, labels)
-    # Replicated outputs: every process can read the embeddings back, also when the mesh spans several hosts.
-    enc = jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
-    spec = sharding.logical_to_spec(("batch",), rules or sharding.DEFAULT_RULES)
-    shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(spec))]))
+        def encode(state, image, labels):
+            with sharding.axis_rules(rules):
+                return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
 
-    def run(image, labels):
-        put = NamedSharding(mesh, spec if image.shape[0] % shards == 0 else P())
-        with jax.set_mesh(mesh):
-            return enc(state, jax.device_put(image, put), jax.device_put(labels, put))
+        self.mesh = mesh
+        if mesh is None:
+            self._enc = jax.jit(encode)
+            return
+        self._enc = jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
+        self._spec = sharding.logical_to_spec(("batch",), rules)
+        self._shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(self._spec))]))
 
-    return run
+    def put(self, image: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        if self.mesh is None:
+            return jax.device_put(image), jax.device_put(labels)
+        # A batch that does not split evenly over the batch shards (a short last batch) is replicated instead.
+        put = NamedSharding(self.mesh, self._spec if image.shape[0] % self._shards == 0 else P())
+        return jax.device_put(image, put), jax.device_put(labels, put)
+
+    def encode(self, image: jax.Array, labels: jax.Array):
+        if self.mesh is None:
+            return self._enc(self._state, image, labels)
+        with jax.set_mesh(self.mesh):
+            return self._enc(self._state, image, labels)
+
+    def __call__(self, image, labels):
+        return self.encode(*self.put(image, labels))
 
 
-def encode_images(model: FVLM, batches: Iterable[dict], mesh: jax.sharding.Mesh | None = None,
-                  rules=None) -> dict:
-    """Embeds every scan: returns {"emb": [N, A, E], "targets": [N, C], "ids": [N]} (padding rows dropped)."""
-    enc = image_encoder(model, mesh, rules)
+def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None) -> ImageEncoder:
+    """fn(image uint8 [B, Z, Y, X], labels [B, Z, Y, X]) -> (emb [B, A, E], present, intact); see ImageEncoder."""
+    return ImageEncoder(model, mesh, rules)
+
+
+def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax.sharding.Mesh | None = None,
+                  rules=None, *, ahead: int = 2, desc: str | None = None) -> dict:
+    """Embeds every scan: returns {"emb": [N, A, E], "targets": [N, C], "ids": [N]} (padding rows dropped).
+
+    Pipelined like the training loop: a background thread copies `ahead` batches to the devices ahead of the
+    encoder (0: copy in the loop), and batch k+1 is dispatched before batch k's embeddings are read back. `desc`
+    shows a progress bar (scans) with that label on process 0. Pass an ImageEncoder (its mesh and rules are then
+    its own) to reuse its compiled function across calls; a model gets a new one, compiled on the first batch.
+    """
+    enc = model if isinstance(model, ImageEncoder) else image_encoder(model, mesh, rules)
+
+    def stage(b: dict):
+        keep = np.asarray(b["mask"], bool)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(b["id"])[keep]]
+        return enc.put(b["image"], b["labels"]), keep, np.asarray(b["targets"])[keep], ids
+
+    staged = prefetch(batches, stage, ahead) if ahead > 0 else (stage(b) for b in batches)
     embs, targets, ids = [], [], []
-    for b in batches:
-        keep = b["mask"]
-        embs.append(np.asarray(enc(b["image"], b["labels"])[0])[keep])
-        targets.append(b["targets"][keep])
-        ids.extend(i.decode() if isinstance(i, bytes) else str(i) for i in b["id"][keep])
+    bar = tqdm(desc=desc, unit="scan", disable=desc is None or jax.process_index() != 0)
+
+    def collect(emb: jax.Array, keep: np.ndarray) -> None:
+        embs.append(np.asarray(emb)[keep])
+        bar.update(int(keep.sum()))
+
+    pending = None  # (embeddings dispatched but not yet read back, keep)
+    try:
+        for (image, labels), keep, t, i in staged:
+            emb = enc.encode(image, labels)[0]
+            if pending is not None:
+                collect(*pending)
+            pending = (emb, keep)
+            targets.append(t)
+            ids.extend(i)
+        if pending is not None:
+            collect(*pending)
+    finally:
+        staged.close()
+        bar.close()
+    if not embs:
+        raise ValueError("encode_images: no batches")
     return {"emb": np.concatenate(embs), "targets": np.concatenate(targets), "ids": ids}
 
 

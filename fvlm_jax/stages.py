@@ -131,10 +131,11 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         prompt_emb = evaluate.prompt_embeddings(model, prompts)
         temp = float(model.temp())
         per_split = {}
+        encoder = evaluate.image_encoder(model, mesh, cfg.sharding.rules)  # compiled once for both splits
         for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
-            enc = evaluate.encode_images(model, tfdata.eval_batches(
-                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx), mesh,
-                cfg.sharding.rules)
+            enc = evaluate.encode_images(encoder, tfdata.eval_batches(
+                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx),
+                ahead=cfg.data.prefetch_to_device, desc=f"encode {method} {split}")
             per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
         scores, targets = per_split[cfg.data.eval_split]
         thr_scores, thr_targets = per_split[cfg.data.threshold_split]

@@ -66,3 +66,49 @@ def test_unlabelled_scans_are_left_out_of_their_task():
     thr = evaluate.roc_threshold(thr_targets[10:, 0], thr_scores[10:, 0])
     assert out["thresholded"]["a"]["threshold"] == pytest.approx(thr)
     assert out["thresholded"]["a"]["accuracy"] == pytest.approx(((scores[15:, 0] >= thr) == targets[15:, 0]).mean())
+
+
+def tiny_model_and_batches(sizes=(4, 4, 3)):
+    from configs import demo
+    from fvlm_jax import synthetic, train
+
+    cfg = demo.get_config()
+    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    batches = []
+    for n, seed in zip(sizes, range(len(sizes))):
+        b = synthetic.random_batch(cfg, n, seed=seed)
+        b.update(mask=np.arange(n) < n - (seed == len(sizes) - 1),  # the last batch ends in a padding row
+                 targets=np.arange(n * 2).reshape(n, 2) + 100 * seed, id=np.array([f"{seed}-{i}".encode()
+                                                                                for i in range(n)]))
+        batches.append(b)
+    return train.create_model(cfg, "fvlm"), batches
+
+
+def test_pipelined_encoding_equals_one_batch_at_a_time():
+    """Copies ahead in a thread (ahead=2) or in the loop (0): the embeddings of a plain per-batch call, in order,
+    padding rows dropped, targets and ids aligned."""
+    model, batches = tiny_model_and_batches()
+    enc = evaluate.image_encoder(model)
+    want = np.concatenate([np.asarray(enc(b["image"], b["labels"])[0])[b["mask"]] for b in batches])
+    assert want.shape == (10, 7, 32)  # 10 scans, the demo's 7 anatomies
+    for ahead in (0, 2):
+        got = evaluate.encode_images(model, iter(batches), ahead=ahead, desc="test" if ahead else None)
+        np.testing.assert_array_equal(got["emb"], want)
+        np.testing.assert_array_equal(got["targets"], np.concatenate([b["targets"][b["mask"]] for b in batches]))
+        assert got["ids"] == ["0-0", "0-1", "0-2", "0-3", "1-0", "1-1", "1-2", "1-3", "2-0", "2-1"]
+
+
+def test_encoding_raises_the_sources_error_and_stops_its_thread():
+    import threading
+
+    model, batches = tiny_model_and_batches((2, 2))
+
+    def source():
+        yield batches[0]
+        raise OSError("record file unreadable")
+
+    with pytest.raises(OSError, match="unreadable"):
+        evaluate.encode_images(model, source(), ahead=2)
+    assert not any(t.name == "prefetch_to_device" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate.encode_images(model, iter([]), ahead=2)

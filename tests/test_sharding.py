@@ -79,6 +79,18 @@ SCRIPT = textwrap.dedent("""
     sharded = evaluate.image_encoder(two.model(), two.mesh, cfg.sharding.rules)(b["image"], b["labels"])[0]
     plain = evaluate.image_encoder(two.model())(b["image"], b["labels"])[0]
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    # The pipelined evaluation loop on the mesh (copies ahead in a thread), with a short last batch that does not
+    # split over the 4 batch shards (replicated) and a padding row: the same embeddings, in order.
+    batches = [synthetic.random_batch(cfg, n, seed=10 + n) for n in (8, 8, 3)]
+    for b in batches:
+        b.update(mask=np.ones(len(b["image"]), bool), targets=np.zeros((len(b["image"]), 2), np.int8),
+                 id=np.array([f"s{len(b['image'])}_{i}".encode() for i in range(len(b["image"]))]))
+    batches[-1]["mask"][-1] = False
+    enc = evaluate.encode_images(two.model(), batches, two.mesh, cfg.sharding.rules, ahead=2)
+    want = np.concatenate([np.asarray(evaluate.image_encoder(two.model())(b["image"], b["labels"])[0])[b["mask"]]
+                           for b in batches])
+    np.testing.assert_allclose(enc["emb"], want, rtol=1e-5, atol=1e-5)
+    assert len(enc["ids"]) == 18 and enc["ids"][-1] == "s3_1"
     ckpt = tempfile.mkdtemp()
     mngr = two.checkpoint_manager(ckpt)
     two.save(mngr)
