@@ -26,6 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from fvlm_jax.models import transformer  # noqa: E402
 from fvlm_jax.models.vit3d import ViT3D  # noqa: E402
@@ -56,11 +58,11 @@ def autodiff_attention(q, k, v, mask=None, impl=None):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
 
-def jax_step_fn(args, size, attention=None):
+def jax_step_fn(args, size, attention=None, devices=1):
     if attention is not None:  # traced below, at the first call, with this attention
         saved, transformer.attention = transformer.attention, attention
         try:
-            run, sync = jax_step_fn(args, size)
+            run, sync = jax_step_fn(args, size, devices=devices)
             sync(run())
         finally:
             transformer.attention = saved
@@ -82,6 +84,12 @@ def jax_step_fn(args, size, attention=None):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((args.batch, *size[0]), np.float32))
     y = jnp.asarray(rng.random((args.batch,), np.float32))
+    if devices > 1:  # data parallel: the batch split over the first `devices` devices, parameters replicated
+        mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:devices])
+        split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        x, y = jax.device_put(x, split), jax.device_put(y, split)
+        params, opt = jax.device_put(params, whole), jax.device_put(opt, whole)
     state = [params, opt]
 
     def run():
@@ -147,7 +155,12 @@ def main():
     ap.add_argument("--jax_autodiff_attention", action="store_true",
                     help="also time the JAX step with autodiff through the attention (A/B of the hand-written "
                          "CPU attention gradient)")
+    ap.add_argument("--jax_cpu_devices", type=int, default=1,
+                    help="also time the JAX step data parallel over this many XLA:CPU devices (the host's cores "
+                         "split into devices; XLA:CPU runs a batched matmul on one thread per device)")
     args = ap.parse_args()
+    if args.jax_cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.jax_cpu_devices)
     try:
         import monai
         import torch
@@ -167,6 +180,12 @@ def main():
         raise SystemExit("--jax_autodiff_attention compares the XLA:CPU attention gradients; run it on a CPU host")
     if args.jax_autodiff_attention:
         sides["jax_autodiff"] = jax_step_fn(args, size, attention=autodiff_attention)
+    if args.jax_cpu_devices > 1:
+        if jax.default_backend() != "cpu":
+            raise SystemExit("--jax_cpu_devices splits a CPU host into XLA:CPU devices; run it on a CPU host")
+        if args.batch % args.jax_cpu_devices:
+            raise SystemExit(f"--batch={args.batch} does not split over --jax_cpu_devices={args.jax_cpu_devices}")
+        sides[f"jax_{args.jax_cpu_devices}dev"] = jax_step_fn(args, size, devices=args.jax_cpu_devices)
     for run, sync in sides.values():  # compile / warm up
         sync(run())
         sync(run())
@@ -184,6 +203,12 @@ def main():
         ratios = [j / p for j, p in zip(times["jax"], times[torch_side])]
         print(f"ratio JAX / {torch_side} step time: {med['jax'] / med[torch_side]:.2f} (per round: "
               + ", ".join(f"{r:.2f}" for r in ratios) + f"); JAX volumes/s = {med[torch_side] / med['jax']:.2f}x")
+    dp = f"jax_{args.jax_cpu_devices}dev"
+    if dp in med:
+        ratios = [j / p for j, p in zip(times[dp], times["pytorch"])]
+        print(f"ratio JAX on {args.jax_cpu_devices} CPU devices / pytorch step time: {med[dp] / med['pytorch']:.2f} "
+              f"(per round: " + ", ".join(f"{r:.2f}" for r in ratios) + f"); against JAX on one device: "
+              f"{med[dp] / med['jax']:.2f}")
     if "jax_autodiff" in med:
         print(f"JAX step with the hand-written CPU attention gradient / with autodiff through attention: "
               f"{med['jax'] / med['jax_autodiff']:.2f}")
