@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fvlm_jax import augment, losses, sharding
 from fvlm_jax.models.fvlm import FVLM
-from fvlm_jax.prefetch import prefetch  # noqa: F401  (also re-exported: train.prefetch)
+from fvlm_jax.prefetch import prefetch
 from fvlm_jax.sharding import make_mesh  # noqa: F401  (re-exported: train.make_mesh(cfg))
 
 log = logging.getLogger(__name__)

@@ -87,8 +87,8 @@ SCRIPT = textwrap.dedent("""
                  id=np.array([f"s{len(b['image'])}_{i}".encode() for i in range(len(b["image"]))]))
     batches[-1]["mask"][-1] = False
     enc = evaluate.encode_images(two.model(), batches, two.mesh, cfg.sharding.rules, ahead=2)
-    want = np.concatenate([np.asarray(evaluate.image_encoder(two.model())(b["image"], b["labels"])[0])[b["mask"]]
-                           for b in batches])
+    one = evaluate.image_encoder(two.model())
+    want = np.concatenate([np.asarray(one(b["image"], b["labels"])[0])[b["mask"]] for b in batches])
     np.testing.assert_allclose(enc["emb"], want, rtol=1e-5, atol=1e-5)
     assert len(enc["ids"]) == 18 and enc["ids"][-1] == "s3_1"
     ckpt = tempfile.mkdtemp()
