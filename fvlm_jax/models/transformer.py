@@ -42,11 +42,17 @@ class Block(nnx.Module):
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         y = attention(q, k, v, mask, impl=self.attention_impl)
         x = x + self.out(y.reshape(b, n, d))
-        h = constrain(jax.nn.gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
+        h = constrain(gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
         return constrain(x + self.fc2(h), "batch", "length", "act_embed")
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cpu")
+
+# jax.nn.gelu (tanh form), recomputed in the backward pass from its input (the fc1 output) instead of autodiff
+# storing the tanh's intermediates: one [B, N, mlp] array per block less written in the forward and read in the
+# backward, and the recomputation fuses into the gradient's elementwise pass. Same values and gradients; the encoder
+# step of bench/vs_pytorch.py is about 3 % faster on a 2-core CPU (0.97 of the step, alternating rounds).
+gelu = jax.checkpoint(jax.nn.gelu)
 
 
 def attention(q, k, v, mask=None, impl: str = "auto"):
