@@ -15,7 +15,9 @@
 # `python bench/trace_summary.py OUTDIR/perfetto_trace.json.gz`).
 #
 # GPU_CHECK_PARTS picks parts by name (default: all but flags, in this order): attention profile vs_pytorch remat
-# flags encode xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each.
+# flags gelu encode xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each; "gelu"
+# runs that step with the GELU's intermediates stored (autodiff of jax.nn.gelu), the A/B of the model's recomputed
+# GELU, whose own figures are the profile part's.
 # The profile part also dumps the step's optimized HLO, so trace_summary.py sums the time per model part.
 #
 # On the device tool's H200 (jax 0.11.2, flax 0.12.10, torch 2.11 there; ml-collections and monai carried as wheels
@@ -37,7 +39,7 @@ part() {
   if ((left < 30)); then echo "(skipped: ${left} s of the ${budget} s budget left)"; return; fi
   timeout -k 5 $((limit < left ? limit : left)) "$@"
 }
-parts=" ${GPU_CHECK_PARTS:-attention profile vs_pytorch remat encode xla_attention} "
+parts=" ${GPU_CHECK_PARTS:-attention profile vs_pytorch remat gelu encode xla_attention} "
 want() { [[ $parts == *" $1 "* ]]; }
 {
   date -u
@@ -78,6 +80,10 @@ jax.devices())"
       echo "   exit $?"
       grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
     done
+  fi
+  if want gelu; then
+    echo "== train step, paper preset (no remat), batch 14, bf16, GELU intermediates stored (A/B of the recomputed GELU)"
+    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --gelu=store
   fi
   if want encode; then
     echo "== zero-shot evaluation's image encoding, paper preset, batch 14, bf16: copy in the loop vs copied ahead"

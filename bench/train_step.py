@@ -19,6 +19,7 @@ import numpy as np
 
 from configs import ct_rate, demo
 from fvlm_jax import flops, synthetic, train
+from fvlm_jax.models import transformer
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
@@ -58,6 +59,9 @@ def main():
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also trace 3 steps with jax.profiler into DIR (a Perfetto trace, summarised by "
                          "bench/trace_summary.py) after the timing")
+    ap.add_argument("--gelu", choices=("recompute", "store"), default="recompute",
+                    help="the blocks' GELU: recomputed in the backward pass (the model's) or autodiff storing its "
+                         "intermediates (jax.nn.gelu, the A/B)")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
                          "on a device from any host")
@@ -68,6 +72,8 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
+    if args.gelu == "store":  # Block.__call__ looks the module's gelu up when traced
+        transformer.gelu = jax.nn.gelu
     if args.fake_devices:  # CPU devices, also on a GPU host (the sharding / memory check)
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.fake_devices)
@@ -103,7 +109,7 @@ def main():
         peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         print(f"{kind} ({jax.default_backend()}): preset {args.preset}, batch {args.batch} on {jax.device_count()} "
               f"device(s), dtype {cfg.model.dtype}, remat {cfg.model.remat} ({cfg.model.remat_policy}), "
-              f"grad_accum {args.grad_accum}, attention {cfg.model.attention}; "
+              f"grad_accum {args.grad_accum}, attention {cfg.model.attention}, GELU {args.gelu}; "
               f"compiled in {time.perf_counter() - t0:.0f} s")
         print(f"XLA memory analysis per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs "
               f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
@@ -152,8 +158,8 @@ def main():
     remat = f"True ({cfg.model.remat_policy})" if cfg.model.remat else "False"
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
           f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {remat}, attention "
-          f"{cfg.model.attention}, input {tuple(cfg.model.input_zyx)}, patch {tuple(cfg.model.vision.patch_zyx)}, "
-          f"text_len {cfg.prep.text_len}")
+          f"{cfg.model.attention}, GELU {args.gelu}, input {tuple(cfg.model.input_zyx)}, patch "
+          f"{tuple(cfg.model.vision.patch_zyx)}, text_len {cfg.prep.text_len}")
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")
