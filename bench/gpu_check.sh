@@ -10,14 +10,16 @@
 # can pull a cuDNN that JAX's GPU backend rejects. Parts run most important first, each with its own timeout, and
 # the whole script keeps within a budget of GPU_CHECK_BUDGET seconds (default 540, for the device tool's 600 s call
 # with the wheel install before it): a part is cut short or skipped when the budget runs out. Each paper-size train
-# step takes about 100 s to import, trace, compile and run; a part that breaks fails in seconds. Every figure is printed with the card's name; keep them
+# step takes about 100-120 s to import, trace, compile and run (each feed is timed twice, the first pass a warm-up);
+# a part that breaks fails in seconds. Every figure is printed with the card's name; keep them
 # together. The profiled step's Perfetto trace is left in OUTDIR (open it in ui.perfetto.dev, or
 # `python bench/trace_summary.py OUTDIR/perfetto_trace.json.gz`).
 #
-# GPU_CHECK_PARTS picks parts by name (default: all but flags, in this order): attention profile vs_pytorch remat
-# flags gelu encode xla_attention. "flags" compares XLA GPU flags on the paper-size step, one process each; "gelu"
+# GPU_CHECK_PARTS picks parts by name (default: all but flags and feed, in this order): attention profile vs_pytorch remat
+# flags gelu encode xla_attention feed. "flags" compares XLA GPU flags on the paper-size step, one process each; "gelu"
 # runs that step with the GELU's intermediates stored (autodiff of jax.nn.gelu), the A/B of the model's recomputed
-# GELU, whose own figures are the profile part's.
+# GELU, whose own figures are the profile part's. "feed" (bench/feed_check.py) times the step's input feeds step by
+# step: the wait for each batch, the step call's return, each copy.
 # The profile part also dumps the step's optimized HLO, so trace_summary.py sums the time per model part.
 #
 # On the device tool's H200 (jax 0.11.2, flax 0.12.10, torch 2.11 there; ml-collections and monai carried as wheels
@@ -54,7 +56,7 @@ jax.devices())"
   if want profile; then
     echo "== train step, paper preset (config default: no remat), batch 14, bf16, with a profile of 3 steps"
     XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$out/hlo --xla_dump_hlo_module_re=.*step_fn.*" \
-      part 150 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --profile="$out/prof"
+      part 170 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --profile="$out/prof"
     part 60 $PY bench/trace_summary.py "$out/prof" --top=30 --rows=3 --hlo="$out/hlo"
     find "$out/prof" -name perfetto_trace.json.gz -exec cp {} "$out/" \; 2>/dev/null; rm -rf "$out/prof"
     find "$out/hlo" -name "*step_fn*after_optimizations.txt" -exec gzip -c {} \; > "$out/step_hlo.txt.gz" 2>/dev/null
@@ -67,7 +69,7 @@ jax.devices())"
   fi
   if want remat; then
     echo "== train step, paper preset, batch 14, bf16, remat (nothing_saveable)"
-    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=10
+    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --remat --steps=10
   fi
   if want flags; then
     echo "== train step, paper preset, batch 14, bf16: XLA GPU flag variants (one process each)"
@@ -75,7 +77,7 @@ jax.devices())"
                  --xla_gpu_enable_cudnn_layer_norm=true}; do
       [[ $flags == none ]] && flags=""
       echo "-- XLA_FLAGS='${flags}' ($((budget - SECONDS)) s of the budget left)"
-      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-80}" $PY bench/train_step.py \
+      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-110}" $PY bench/train_step.py \
         --preset=paper --batch=14 --dtype=bfloat16 --steps=10 > "$out/flags.log" 2>&1
       echo "   exit $?"
       grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
@@ -83,7 +85,7 @@ jax.devices())"
   fi
   if want gelu; then
     echo "== train step, paper preset (no remat), batch 14, bf16, GELU intermediates stored (A/B of the recomputed GELU)"
-    part 120 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --gelu=store
+    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --steps=10 --gelu=store
   fi
   if want encode; then
     echo "== zero-shot evaluation's image encoding, paper preset, batch 14, bf16: copy in the loop vs copied ahead"
@@ -92,7 +94,11 @@ jax.devices())"
   if want xla_attention; then
     echo "== train step, paper preset, batch 14, bf16, no remat, XLA attention (A/B of the cuDNN kernel; with remat"
     echo "   it had not reached its first timed step after 100 s on an H200)"
-    part 140 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=10 --attention=xla
+    part 160 $PY bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16 --no-remat --steps=10 --attention=xla
+  fi
+  if want feed; then
+    echo "== the paper step's input feeds, step by step (bench/feed_check.py)"
+    part 120 $PY bench/feed_check.py --preset=paper --batch=14 --dtype=bfloat16 --steps=20
   fi
   echo "gpu_check: done in ${SECONDS} s"
 } 2>&1 | tee "$out/gpu_check.txt"

@@ -62,6 +62,11 @@ def main():
     ap.add_argument("--gelu", choices=("recompute", "store"), default="recompute",
                     help="the blocks' GELU: recomputed in the backward pass (the model's) or autodiff storing its "
                          "intermediates (jax.nn.gelu, the A/B)")
+    ap.add_argument("--ahead", type=int, default=None,
+                    help="batches the training loop's feed copies ahead (default: the config's "
+                         "data.prefetch_to_device)")
+    ap.add_argument("--more_ahead", type=lambda v: [int(n) for n in v.split(",") if n], default=[],
+                    help="also time the prefetched feed with these `ahead` values, e.g. 1,4")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
                          "on a device from any host")
@@ -89,6 +94,8 @@ def main():
     if args.text_len:
         cfg.prep.text_len = args.text_len
     cfg.train.batch_size = args.batch
+    if args.ahead is None:
+        args.ahead = int(cfg.data.get("prefetch_to_device", 2))
     cfg.train.grad_accum_steps = args.grad_accum
     cfg.loss.impl = args.loss_impl
     if args.attention:
@@ -129,15 +136,18 @@ def main():
     jax.block_until_ready(on_device)
 
     def timed(make_feed) -> float:
-        """Seconds per step over args.steps steps fed by make_feed() (an iterator of device batches). An untimed
-        step on a batch already on the device goes first; the feed starts after it, so a prefetching feed gets
-        no head start: its first copy is inside the timed steps (the figure errs by at most one copy over
-        args.steps steps, on the slow side)."""
-        jax.block_until_ready(trainer.step_on_device(on_device[0]))
-        t0 = time.perf_counter()
-        for batch in make_feed():
-            metrics = trainer.step_on_device(batch)
-        jax.block_until_ready(metrics)
+        """Seconds per step over args.steps steps fed by make_feed() (an iterator of device batches), on the
+        second of two passes. The first pass is untimed: the first host-to-device copies of a process pay one-time
+        costs that are no per-step cost (on an H200, one copy made while a step ran took 0.58 s, the next ones
+        2-8 ms; bench/feed_check.py). Each pass starts after an untimed step on a batch already on the device, and
+        the feed starts after it, so a prefetching feed gets no head start: its first copy is inside the timed
+        steps (the figure errs by at most one copy over args.steps steps, on the slow side)."""
+        for _ in range(2):
+            jax.block_until_ready(trainer.step_on_device(on_device[0]))
+            t0 = time.perf_counter()
+            for batch in make_feed():
+                metrics = trainer.step_on_device(batch)
+            jax.block_until_ready(metrics)
         last["metrics"] = metrics
         return (time.perf_counter() - t0) / args.steps
 
@@ -148,8 +158,9 @@ def main():
     # 1) Batches already on the device: the compute alone. 2) As the training loop feeds it: host batches copied
     # to the device ahead in a background thread (data.prefetch_to_device). 3) The host batch copied in the loop.
     device_step_s = timed(lambda: (on_device[i % 2] for i in range(args.steps)))
-    prefetch_step_s = timed(lambda: trainer.device_batches(host_batches(), ahead=2))
+    prefetch_step_s = timed(lambda: trainer.device_batches(host_batches(), ahead=args.ahead))
     step_s = timed(lambda: (trainer.global_batch(b) for b in host_batches()))
+    more_ahead = {n: timed(lambda n=n: trainer.device_batches(host_batches(), ahead=n)) for n in args.more_ahead}
 
     f = flops.train_step_flops(cfg, args.batch, args.method)
     achieved = f["total"] / prefetch_step_s / 1e12
@@ -163,8 +174,10 @@ def main():
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")
-    feeds = {"host batch copied in the loop": step_s, "host batches prefetched to the device (training loop)":
-             prefetch_step_s, "batch already on the device": device_step_s}
+    feeds = {"host batch copied in the loop": step_s,
+             f"host batches prefetched to the device, ahead {args.ahead} (training loop)": prefetch_step_s,
+             **{f"host batches prefetched to the device, ahead {n}": t for n, t in more_ahead.items()},
+             "batch already on the device": device_step_s}
     for label, t in feeds.items():
         print(f"step time: {t * 1e3:.1f} ms   volumes/s: {args.batch / t:.1f}   ({label})")
     print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
