@@ -69,6 +69,7 @@ def jax_step_fn(args, size, attention=None, devices=1):
         return run, sync
     model = JaxEncoder(*size, dtype=jnp.dtype(args.jax_dtype), remat=args.remat, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)  # plain arrays, as the trainer's state holds them
     tx = optax.adamw(1e-4, weight_decay=0.01)
     opt = tx.init(params)
 

@@ -150,16 +150,26 @@ class Trainer:
         self.schedule = learning_rate_schedule(cfg)
         tx = self.tx
 
+        # The state holds plain arrays (`nnx.to_pure_dict` of the parameters, and the optimizer state over those),
+        # not nnx.Variable objects: every step's call would otherwise rebuild one Python object per parameter and
+        # Adam moment from the outputs (930 of them at the paper's size, 5.4 ms of host time per step in an H200
+        # profile, where the host has under 10 ms to spare per step). nnx.merge takes the pure dict as it is.
         def init():
-            params = nnx.state(create_model(cfg, method), nnx.Param)
+            params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-        # One abstract model gives both the graph definition and the state's shapes and logical axes.
+        # One abstract model gives the graph definition and the parameters' shapes and logical axes; the optimizer
+        # moments are sharded like their parameters, everything else in its state replicated.
         self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
-        abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
-                          "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        self.state_sharding = sharding.state_shardings(abstract_state, mesh, self.rules)
         self.replicated = NamedSharding(mesh, P())
+        param_sharding = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, self.rules))
+        abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+        self.state_sharding = {
+            "params": param_sharding,
+            "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
+                                               transform_non_params=lambda _: self.replicated),
+            "step": self.replicated}
+        self._abstract_params = abstract_params
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
         with jax.set_mesh(mesh):
@@ -243,8 +253,31 @@ class Trainer:
         if step is None:
             return False
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        self.state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            self.state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError:  # tree structures differ: maybe a checkpoint of the nnx.Variable layout
+            legacy = self._restore_variable_layout(mngr, step)
+            if legacy is None:
+                raise
+            log.info("restored a checkpoint of the earlier nnx.Variable layout (step %d)", step)
+            self.state = legacy
         return True
+
+    def _restore_variable_layout(self, mngr: ocp.CheckpointManager, step: int) -> dict | None:
+        """A checkpoint written before the state held plain arrays (its parameters and Adam moments were nnx.State
+        trees of nnx.Variable), restored and converted to the present layout; None if it is not one."""
+        params = self._abstract_params
+        tree = {"params": params, "opt_state": jax.eval_shape(self.tx.init, params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        shardings = sharding.state_shardings(tree, self.mesh, self.rules)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        try:
+            old = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError:
+            return None
+        new = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, old,
+                           is_leaf=lambda x: isinstance(x, nnx.State))
+        return new if jax.tree.structure(new) == jax.tree.structure(self.state) else None
 
     def save(self, mngr: ocp.CheckpointManager) -> None:
         mngr.save(self.step, args=ocp.args.StandardSave(self.state))

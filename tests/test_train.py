@@ -195,3 +195,41 @@ def test_batches_ending_early_are_reported(tmp_path, caplog):
     assert "the batches ended at step 3, before train.steps=6; the last checkpoint is step 2" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_state_holds_plain_arrays_and_restores_a_checkpoint_of_the_variable_layout(tmp_path):
+    """The train state has no nnx.Variable objects (each step's call would rebuild them on the host), and a checkpoint
+    written when it had them (parameters and Adam moments as nnx.State trees) still restores, with the same values."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    cfg = tiny_config()
+    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    nodes = jax.tree.leaves(trainer.state, is_leaf=lambda x: isinstance(x, (nnx.Variable, nnx.State)))
+    assert nodes and all(isinstance(x, jax.Array) for x in nodes)
+    assert trainer.state["params"]["vision"]["blocks"][0]["fc1"]["kernel"].ndim == 2
+
+    params = nnx.state(train.create_model(cfg, "fvlm"), nnx.Param)  # the earlier layout, other values
+    params = jax.tree.map(lambda x: x + 0.5, params)
+    old = {"params": params, "opt_state": trainer.tx.init(params), "step": jnp.asarray(7, jnp.int32)}
+    mngr = trainer.checkpoint_manager(str(tmp_path / "ckpt"))
+    mngr.save(7, args=ocp.args.StandardSave(old))
+    mngr.wait_until_finished()
+    assert trainer.restore(trainer.checkpoint_manager(str(tmp_path / "ckpt")))
+    assert trainer.step == 7
+    want = nnx.to_pure_dict(params)
+    assert jax.tree.structure(trainer.state["params"]) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    metrics = trainer.train_step(synthetic.random_batch(cfg, cfg.train.batch_size, seed=0))
+    assert np.isfinite(float(metrics["loss"])) and trainer.step == 8
+
+    # Any other mismatch is still an error, not a silent fresh start.
+    other = tmp_path / "other"
+    m2 = trainer.checkpoint_manager(str(other))
+    m2.save(1, args=ocp.args.StandardSave({"params": {"w": jnp.zeros(3)}, "step": jnp.asarray(1, jnp.int32)}))
+    m2.wait_until_finished()
+    with pytest.raises(ValueError):
+        trainer.restore(trainer.checkpoint_manager(str(other)))
