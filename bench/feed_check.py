@@ -34,8 +34,13 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="steps per timed feed")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="blocks of both encoders (default: the preset's); 12 gives the paper's number of state "
+                         "arrays at the small preset's width, for the step call's host time on a CPU")
     args = ap.parse_args()
     cfg = preset_config(args.preset)
+    if args.depth:
+        cfg.model.vision.depth = cfg.model.text.depth = args.depth
     if args.dtype:
         cfg.model.dtype = args.dtype
     cfg.train.batch_size = args.batch
@@ -43,7 +48,8 @@ def main():
     batches = [synthetic.random_batch(cfg, args.batch, seed=i, packed=True) for i in range(2)]
     mib = sum(v.nbytes for v in batches[0].values()) / 2**20
     print(f"{jax.devices()[0].device_kind}: preset {args.preset}, batch {args.batch} ({mib:.0f} MiB on the host), "
-          f"dtype {cfg.model.dtype}, {args.steps} steps per feed")
+          f"dtype {cfg.model.dtype}, depth {cfg.model.vision.depth}, {len(jax.tree.leaves(trainer.state))} state "
+          f"arrays, {args.steps} steps per feed")
     t0 = time.perf_counter()
     jax.block_until_ready(trainer.train_step(batches[0]))
     print(f"compile + first step: {time.perf_counter() - t0:.1f} s")
