@@ -3,7 +3,7 @@
 Times the same compiled step fed several ways, in two rounds in one process, and prints per feed the step time and,
 per step, how long the loop waited for its batch, how long the step's call took to return (its dispatch) and how
 long each host-to-device copy took. It found that the prefetched figure of a short `train_step.py` run can be a
-one-time cost: on an H200 the first copy made in a process while steps ran took 0.58 s, the later ones 2-8 ms.
+one-time cost: on an H200 the first copy made in a process while steps ran took 0.58 s, the later ones 2-15 ms.
 
   python bench/feed_check.py --preset=paper --batch=14 --dtype=bfloat16 --steps=20     # on the device
   python bench/feed_check.py                                                           # CPU, small preset
@@ -17,14 +17,19 @@ key, prefetched and in the loop.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import statistics
+import sys
 import time
 
 import jax
 
-from bench.train_step import preset_config
-from fvlm_jax import synthetic, train
-from fvlm_jax.prefetch import prefetch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import preset_config  # noqa: E402  (the presets of the train-step benchmark)
+
+from fvlm_jax import synthetic, train  # noqa: E402
+from fvlm_jax.prefetch import prefetch  # noqa: E402
 
 
 def main():
@@ -81,7 +86,7 @@ def main():
         if head_start:  # the feed runs ahead before the clock starts
             first = next(feed)
             time.sleep(head_start)
-            feed = iter([first, *feed])
+            feed = itertools.chain([first], feed)
         waits, dispatch = [], []
         metrics = None
         t0 = time.perf_counter()

@@ -77,7 +77,7 @@ jax.devices())"
                  --xla_gpu_enable_cudnn_layer_norm=true}; do
       [[ $flags == none ]] && flags=""
       echo "-- XLA_FLAGS='${flags}' ($((budget - SECONDS)) s of the budget left)"
-      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-110}" $PY bench/train_step.py \
+      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" part "${GPU_CHECK_FLAG_LIMIT:-140}" $PY bench/train_step.py \
         --preset=paper --batch=14 --dtype=bfloat16 --steps=10 > "$out/flags.log" 2>&1
       echo "   exit $?"
       grep -E "step time|MFU|compile|peak device|fused" "$out/flags.log" || tail -n 3 "$out/flags.log"
@@ -98,7 +98,7 @@ jax.devices())"
   fi
   if want feed; then
     echo "== the paper step's input feeds, step by step (bench/feed_check.py)"
-    part 120 $PY bench/feed_check.py --preset=paper --batch=14 --dtype=bfloat16 --steps=20
+    part 180 $PY bench/feed_check.py --preset=paper --batch=14 --dtype=bfloat16 --steps=20
   fi
   echo "gpu_check: done in ${SECONDS} s"
 } 2>&1 | tee "$out/gpu_check.txt"

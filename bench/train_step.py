@@ -139,7 +139,7 @@ def main():
         """Seconds per step over args.steps steps fed by make_feed() (an iterator of device batches), on the
         second of two passes. The first pass is untimed: the first host-to-device copies of a process pay one-time
         costs that are no per-step cost (on an H200, one copy made while a step ran took 0.58 s, the next ones
-        2-8 ms; bench/feed_check.py). Each pass starts after an untimed step on a batch already on the device, and
+        2-15 ms; bench/feed_check.py). Each pass starts after an untimed step on a batch already on the device, and
         the feed starts after it, so a prefetching feed gets no head start: its first copy is inside the timed
         steps (the figure errs by at most one copy over args.steps steps, on the slow side)."""
         for _ in range(2):
@@ -174,8 +174,9 @@ def main():
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")
-    feeds = {"host batch copied in the loop": step_s,
-             f"host batches prefetched to the device, ahead {args.ahead} (training loop)": prefetch_step_s,
+    loop_feed = (f"host batches prefetched to the device, ahead {args.ahead}" if args.ahead > 0
+                 else "host batch copied in the loop, as ahead=0 does")
+    feeds = {"host batch copied in the loop": step_s, f"{loop_feed} (training loop)": prefetch_step_s,
              **{f"host batches prefetched to the device, ahead {n}": t for n, t in more_ahead.items()},
              "batch already on the device": device_step_s}
     for label, t in feeds.items():
@@ -193,7 +194,7 @@ def main():
     assert np.isfinite(float(last["metrics"]["loss"]))
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            for batch in trainer.device_batches((batches[i % 2] for i in range(3)), ahead=2):
+            for batch in trainer.device_batches((batches[i % 2] for i in range(3)), ahead=args.ahead):
                 metrics = trainer.step_on_device(batch)
             jax.block_until_ready(metrics)
         print(f"profile of 3 steps written under {args.profile} (python bench/trace_summary.py {args.profile})")

@@ -73,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # epoch (scans are grouped by CT-RATE's volume names, train_1_a_1 and train_1_a_2 -> train_1_a).
     c.data.reconstructions = "all"
     # Batches copied to the devices ahead of the training step (or evaluation batch) that uses them, in a background
-    # thread (0: in the loop). At the paper's size on one H200 a step took 58.6-81.6 ms with the copy in the loop,
-    # 48.5-52.4 ms with it done ahead (2 or 4 ahead), 47.5 ms on batches already there (README, "Train-step speed").
+    # thread (0: in the loop). At the paper's size on one H200, in one run of bench/feed_check.py, a step took 58.6 ms
+    # with the copy in the loop, 52.4 ms with 2 batches ahead, 48.5 ms with 4, 47.5 ms on batches already there.
     c.data.prefetch_to_device = 2
 
     c.prep = ml_collections.ConfigDict()

@@ -152,8 +152,8 @@ class Trainer:
 
         # The state holds plain arrays (`nnx.to_pure_dict` of the parameters, and the optimizer state over those),
         # not nnx.Variable objects: every step's call would otherwise rebuild one Python object per parameter and
-        # Adam moment from the outputs (930 of them at the paper's size, 5.4 ms of host time per step in an H200
-        # profile, where the host has under 10 ms to spare per step). nnx.merge takes the pure dict as it is.
+        # Adam moment from the outputs (930 of them at the paper's size: 5.4 ms of host time per step in an H200
+        # profile, where the step's call took 34-45 ms of a 45-48 ms step). nnx.merge takes the pure dict as it is.
         def init():
             params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -164,6 +164,8 @@ class Trainer:
         self.replicated = NamedSharding(mesh, P())
         param_sharding = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, self.rules))
         abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+        # tree_map_params finds the parameter-shaped parts of the optimizer state; it raises at start-up for
+        # optimizers whose state does not mirror the parameters' tree (optax.masked, optax.multi_transform).
         self.state_sharding = {
             "params": param_sharding,
             "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
@@ -234,10 +236,10 @@ class Trainer:
         waiting for room).
 
         The host-to-device copy of a batch is host work of tens of milliseconds at the paper's size, and on a GPU the
-        step's call returns only when the device is nearly done with it, so a copy in the loop cannot overlap the
-        step; done ahead it does (on an H200 with 14 volumes per step, bench/feed_check.py: 58.6 ms per step with
-        the copy in the loop, 52.4 ms with ahead=2, 47.5 ms with the batches already on the device).
-        ahead=0 copies in the loop.
+        step's call itself took most of a step's time on the host (an H200 profile, when the state still held
+        nnx.Variable objects), so a copy in the loop could not overlap the step; done ahead it does (on an H200
+        with 14 volumes per step, bench/feed_check.py: 58.6 ms per step with the copy in the loop, 52.4 ms with
+        ahead=2, 47.5 ms with the batches already on the device). ahead=0 copies in the loop.
         """
         if ahead <= 0:
             return (self.global_batch(b) for b in local_batches)

@@ -213,7 +213,11 @@ def test_state_holds_plain_arrays_and_restores_a_checkpoint_of_the_variable_layo
 
     params = nnx.state(train.create_model(cfg, "fvlm"), nnx.Param)  # the earlier layout, other values
     params = jax.tree.map(lambda x: x + 0.5, params)
-    old = {"params": params, "opt_state": trainer.tx.init(params), "step": jnp.asarray(7, jnp.int32)}
+    opt_state = trainer.tx.init(params)
+    for k in range(2):  # Adam moments that differ from each other and from zero
+        grads = jax.tree.map(lambda x, k=k: jnp.sin(x * (k + 2)), params)
+        _, opt_state = trainer.tx.update(grads, opt_state, params)
+    old = {"params": params, "opt_state": opt_state, "step": jnp.asarray(7, jnp.int32)}
     mngr = trainer.checkpoint_manager(str(tmp_path / "ckpt"))
     mngr.save(7, args=ocp.args.StandardSave(old))
     mngr.wait_until_finished()
@@ -222,6 +226,13 @@ def test_state_holds_plain_arrays_and_restores_a_checkpoint_of_the_variable_layo
     want = nnx.to_pure_dict(params)
     assert jax.tree.structure(trainer.state["params"]) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want_opt = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, opt_state,
+                            is_leaf=lambda x: isinstance(x, nnx.State))
+    assert jax.tree.structure(trainer.state["opt_state"]) == jax.tree.structure(want_opt)
+    adam = trainer.state["opt_state"][1][0]
+    assert float(jnp.abs(adam.mu["pool"]["q"]["kernel"] - adam.nu["pool"]["q"]["kernel"]).max()) > 0
+    for a, b in zip(jax.tree.leaves(trainer.state["opt_state"]), jax.tree.leaves(want_opt)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     metrics = trainer.train_step(synthetic.random_batch(cfg, cfg.train.batch_size, seed=0))
     assert np.isfinite(float(metrics["loss"])) and trainer.step == 8
