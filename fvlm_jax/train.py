@@ -136,6 +136,12 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
     return (loss, {"per_anatomy": per_anatomy}), grads
 
 
+def _plain(tree):
+    """The tree with each nnx.State in it as the plain nested dict of its values (nnx.to_pure_dict)."""
+    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nnx.State))
+
+
 class Trainer:
     """Holds the graph definition, the sharded state and the compiled step for one method.
 
@@ -158,20 +164,17 @@ class Trainer:
             params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-        # One abstract model gives the graph definition and the parameters' shapes and logical axes; the optimizer
-        # moments are sharded like their parameters, everything else in its state replicated.
+        # One abstract model gives the graph definition and the parameters' shapes and logical axes. The shardings
+        # come from the state in its nnx.Variable form (the optimizer moments carry their parameter's metadata) and
+        # are then laid out like the plain state; that form is also the layout of earlier checkpoints.
         self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
+        variable_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        variable_sharding = sharding.state_shardings(variable_state, mesh, self.rules)
+        self.state_sharding = _plain(variable_sharding)
+        self._variable_layout = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                             variable_state, variable_sharding)
         self.replicated = NamedSharding(mesh, P())
-        param_sharding = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, self.rules))
-        abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-        # tree_map_params finds the parameter-shaped parts of the optimizer state; it raises at start-up for
-        # optimizers whose state does not mirror the parameters' tree (optax.masked, optax.multi_transform).
-        self.state_sharding = {
-            "params": param_sharding,
-            "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
-                                               transform_non_params=lambda _: self.replicated),
-            "step": self.replicated}
-        self._abstract_params = abstract_params
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
         with jax.set_mesh(mesh):
@@ -268,17 +271,11 @@ class Trainer:
     def _restore_variable_layout(self, mngr: ocp.CheckpointManager, step: int) -> dict | None:
         """A checkpoint written before the state held plain arrays (its parameters and Adam moments were nnx.State
         trees of nnx.Variable), restored and converted to the present layout; None if it is not one."""
-        params = self._abstract_params
-        tree = {"params": params, "opt_state": jax.eval_shape(self.tx.init, params),
-                "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        shardings = sharding.state_shardings(tree, self.mesh, self.rules)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
         try:
-            old = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            old = mngr.restore(step, args=ocp.args.StandardRestore(self._variable_layout))
         except ValueError:
             return None
-        new = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, old,
-                           is_leaf=lambda x: isinstance(x, nnx.State))
+        new = _plain(old)
         return new if jax.tree.structure(new) == jax.tree.structure(self.state) else None
 
     def save(self, mngr: ocp.CheckpointManager) -> None:
