@@ -50,12 +50,22 @@ class JaxEncoder(nnx.Module):
 
 
 def autodiff_attention(q, k, v, mask=None, impl=None):
-    """fvlm_jax's CPU attention forward with JAX's autodiff gradient instead of its hand-written one (for A/B)."""
+    """fvlm_jax's CPU attention forward with JAX's autodiff gradient instead of its hand-written one (for A/B), in
+    the same head groups."""
+    return transformer.in_head_groups(_autodiff_attention_group, q, k, v, mask)
+
+
+def _autodiff_attention_group(q, k, v, mask):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, -0.7 * float(jnp.finfo(jnp.float32).max))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+def unsplit_attention(q, k, v, mask=None, impl=None):
+    """fvlm_jax's CPU attention with all heads in one group (for A/B of `transformer.CPU_HEAD_GROUPS`)."""
+    return transformer.cpu_attention(q, k, v, mask, groups=1)
 
 
 def jax_step_fn(args, size, attention=None, devices=1):
@@ -156,6 +166,9 @@ def main():
     ap.add_argument("--jax_autodiff_attention", action="store_true",
                     help="also time the JAX step with autodiff through the attention (A/B of the hand-written "
                          "CPU attention gradient)")
+    ap.add_argument("--jax_unsplit_attention", action="store_true",
+                    help="also time the JAX step with the CPU attention's heads in one group (A/B of "
+                         "transformer.CPU_HEAD_GROUPS: XLA:CPU runs each group's batched matmuls on one thread)")
     ap.add_argument("--jax_cpu_devices", type=int, default=1,
                     help="also time the JAX step data parallel over this many XLA:CPU devices (the host's cores "
                          "split into devices; XLA:CPU runs a batched matmul on one thread per device)")
@@ -177,10 +190,13 @@ def main():
 
     sides = {"jax": jax_step_fn(args, size), "pytorch": torch_step_fn(args, size),
              "pytorch_tanh": torch_step_fn(args, size, gelu="tanh")}
-    if args.jax_autodiff_attention and jax.default_backend() != "cpu":
-        raise SystemExit("--jax_autodiff_attention compares the XLA:CPU attention gradients; run it on a CPU host")
+    for flag in ("jax_autodiff_attention", "jax_unsplit_attention"):
+        if getattr(args, flag) and jax.default_backend() != "cpu":
+            raise SystemExit(f"--{flag} compares XLA:CPU attention variants; run it on a CPU host")
     if args.jax_autodiff_attention:
         sides["jax_autodiff"] = jax_step_fn(args, size, attention=autodiff_attention)
+    if args.jax_unsplit_attention:
+        sides["jax_unsplit"] = jax_step_fn(args, size, attention=unsplit_attention)
     if args.jax_cpu_devices > 1:
         if jax.default_backend() != "cpu":
             raise SystemExit("--jax_cpu_devices splits a CPU host into XLA:CPU devices; run it on a CPU host")
@@ -210,6 +226,10 @@ def main():
         print(f"ratio JAX on {args.jax_cpu_devices} CPU devices / pytorch step time: {med[dp] / med['pytorch']:.2f} "
               f"(per round: " + ", ".join(f"{r:.2f}" for r in ratios) + f"); against JAX on one device: "
               f"{med[dp] / med['jax']:.2f}")
+    if "jax_unsplit" in med:
+        ratios = [j / u for j, u in zip(times["jax"], times["jax_unsplit"])]
+        print(f"JAX step with the CPU attention's heads in {transformer.CPU_HEAD_GROUPS} groups / in one group: "
+              f"{med['jax'] / med['jax_unsplit']:.3f} (per round: " + ", ".join(f"{r:.2f}" for r in ratios) + ")")
     if "jax_autodiff" in med:
         print(f"JAX step with the hand-written CPU attention gradient / with autodiff through attention: "
               f"{med['jax'] / med['jax_autodiff']:.2f}")

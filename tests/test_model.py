@@ -146,7 +146,7 @@ def test_bfloat16_compute_and_remat():
 
 def test_cpu_attention_matches_numpy_and_the_library():
     """transformer.attention (the XLA:CPU path) against a NumPy softmax attention and jax.nn.dot_product_attention,
-    with and without a key mask, values and gradients."""
+    with and without a key mask, values and gradients; and its head groups against one group."""
     from fvlm_jax.models import transformer
 
     rng = np.random.default_rng(0)
@@ -189,6 +189,16 @@ def test_cpu_attention_matches_numpy_and_the_library():
 
             fd = (np_loss(*up) - np_loss(*down)) / (2 * eps)
             assert float(g1[arg][i]) == pytest.approx(fd, rel=1e-3, abs=1e-4)
+    # Heads split into 1, 2 (the default: 1 + 2 heads) or 3 independent groups: the same values and gradients.
+    for m in (None, mask):
+        def grouped(a, b, c, groups, m=m):
+            return (transformer.cpu_attention(a, b, c, m, groups=groups) ** 2).sum()
+
+        outs = [jax.value_and_grad(grouped, argnums=(0, 1, 2))(q, k, v, g) for g in (1, 2, 3)]
+        for loss, grads in outs[1:]:
+            assert float(loss) == pytest.approx(float(outs[0][0]), rel=1e-6)
+            for a, b in zip(grads, outs[0][1]):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
     np.testing.assert_allclose(np.asarray(transformer.attention(*bf), np.float32),
                                np.asarray(jax.nn.dot_product_attention(*bf), np.float32), atol=2e-2)

@@ -145,16 +145,42 @@ def _cpu_attention_bwd(res, d_out):
     return tuple(jnp.swapaxes(t, 1, 2) for t in (dq, dk, dv)) + (None,)
 
 
-@jax.custom_vjp
-def cpu_attention(q, k, v, mask=None):
+# XLA:CPU runs a batched matmul on one thread when each product is small (a [256, 64] x [64, 256] per head takes
+# the same time on one core as on two), but runs independent ops concurrently. `cpu_attention` therefore splits the
+# heads into this many groups, each its own chain of products forward and backward. Measured on 2-core machines
+# only (bench/vs_pytorch.py --jax_unsplit_attention); 4 groups there were slower than 2.
+CPU_HEAD_GROUPS = 2
+
+
+def cpu_attention(q, k, v, mask=None, groups: int | None = None):
     """`attention` on XLA:CPU: q scaled before the logits, float32 logits and softmax, and a hand-written backward
-    (`_cpu_attention_bwd`). Against autodiff of the same forward it takes the encoder step of
-    `bench/vs_pytorch.py --jax_autodiff_attention` from 156 to 141 ms on a 2-core CPU. What stays slow there:
-    XLA:CPU runs batched matmuls on one thread."""
+    (`_cpu_attention_bwd`), computed for `groups` (default `CPU_HEAD_GROUPS`, at most the number of heads)
+    independent groups of heads, so that XLA:CPU can run the groups' batched matmuls on different cores. The result
+    is the same attention, exactly: heads do not interact.
+
+    Against autodiff of the same forward, the hand-written backward takes the encoder step of
+    `bench/vs_pytorch.py --jax_autodiff_attention` from 156 to 141 ms on a 2-core CPU."""
+    return in_head_groups(_cpu_attention_group, q, k, v, mask, groups)
+
+
+def in_head_groups(fn, q, k, v, mask=None, groups: int | None = None):
+    """fn(q, k, v, mask) applied to `groups` (default `CPU_HEAD_GROUPS`, at most the number of heads) contiguous
+    groups of heads of q, k, v [B, N, H, Dh], as independent ops; the outputs concatenated over heads."""
+    heads = q.shape[2]
+    groups = min(heads, CPU_HEAD_GROUPS if groups is None else groups)
+    if groups <= 1:
+        return fn(q, k, v, mask)
+    bounds = [heads * i // groups for i in range(1, groups)]
+    parts = zip(*(jnp.split(t, bounds, axis=2) for t in (q, k, v)))
+    return jnp.concatenate([fn(a, b, c, mask) for a, b, c in parts], axis=2)
+
+
+@jax.custom_vjp
+def _cpu_attention_group(q, k, v, mask=None):
     return _cpu_attention_fwd(q, k, v, mask)[0]
 
 
-cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
+_cpu_attention_group.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 def matmul_2d(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
