@@ -132,6 +132,15 @@ def active_mesh_axes(name: str) -> tuple[str, ...]:
     return () if active is None else tuple(active[0].get(name, ()))
 
 
+def active_mesh_size(name: str) -> int:
+    """How many ways the active rules and mesh split logical axis `name` (1 without active rules or mesh)."""
+    active = _active_rules_and_mesh()
+    if active is None:
+        return 1
+    rules, mesh = active
+    return math.prod(mesh.shape[a] for a in rules.get(name, ()))
+
+
 def constrain(x, *names: str | None):
     """with_sharding_constraint by logical names, when a mesh and rules are active; the identity otherwise."""
     active = _active_rules_and_mesh()

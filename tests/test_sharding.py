@@ -181,3 +181,30 @@ def test_active_mesh_axes_reads_the_rules_in_effect():
         with sharding.axis_rules(length_on_tensor):
             assert sharding.active_mesh_axes("length") == ("tensor",)
         assert sharding.active_mesh_axes("batch") == ()
+    assert sharding.active_mesh_size("heads") == 1  # no rules in effect
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 1, 3), sharding.MESH_AXES)):
+        with sharding.axis_rules(rules):
+            assert sharding.active_mesh_size("heads") == 3
+            assert sharding.active_mesh_size("batch") == 2
+            assert sharding.active_mesh_size("length") == 1
+
+
+def test_cpu_attention_keeps_heads_sharded_over_the_mesh_in_one_group():
+    """The CPU attention's head groups (transformer.CPU_HEAD_GROUPS) only where the heads are not split over
+    devices: slicing a sharded heads axis would move data between them."""
+    import jax.numpy as jnp
+
+    from fvlm_jax.models import transformer
+
+    q = jnp.ones((2, 5, 4, 8))
+    rules = [*demo.get_config().sharding.rules]
+
+    def groups():  # one custom_vjp call per group
+        jaxpr = jax.make_jaxpr(lambda a: transformer.cpu_attention(a, a, a))(q)
+        return sum("custom_vjp" in e.primitive.name for e in jaxpr.eqns)
+
+    assert groups() == transformer.CPU_HEAD_GROUPS == 2
+    for shape, want in (((1, 1, 2), 1), ((2, 1, 1), 2)):  # heads on the tensor axis; batch on data
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(shape, sharding.MESH_AXES)):
+            with sharding.axis_rules(rules):
+                assert groups() == want, shape

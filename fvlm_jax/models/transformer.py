@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from fvlm_jax.sharding import active_mesh_axes, constrain, logical
+from fvlm_jax.sharding import active_mesh_axes, active_mesh_size, constrain, logical
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,16 @@ def _cpu_attention_bwd(res, d_out):
 # XLA:CPU runs a batched matmul on one thread when each product is small (a [256, 64] x [64, 256] per head takes
 # the same time on one core as on two), but runs independent ops concurrently. `cpu_attention` therefore splits the
 # heads into this many groups, each its own chain of products forward and backward. Measured on 2-core machines
-# only (bench/vs_pytorch.py --jax_unsplit_attention); 4 groups there were slower than 2.
+# only (bench/vs_pytorch.py --jax_unsplit_attention); 4 groups there were slower than 2. Heads already split over
+# mesh devices (the `heads` rule on a mesh axis larger than 1) stay in one group: slicing them would move data.
 CPU_HEAD_GROUPS = 2
 
 
 def cpu_attention(q, k, v, mask=None, groups: int | None = None):
     """`attention` on XLA:CPU: q scaled before the logits, float32 logits and softmax, and a hand-written backward
-    (`_cpu_attention_bwd`), computed for `groups` (default `CPU_HEAD_GROUPS`, at most the number of heads)
-    independent groups of heads, so that XLA:CPU can run the groups' batched matmuls on different cores. The result
-    is the same attention, exactly: heads do not interact.
+    (`_cpu_attention_bwd`), computed for independent groups of heads (`in_head_groups`: by default
+    `CPU_HEAD_GROUPS`), so that XLA:CPU can run the groups' batched matmuls on different cores. The result is the
+    same attention: heads do not interact.
 
     Against autodiff of the same forward, the hand-written backward takes the encoder step of
     `bench/vs_pytorch.py --jax_autodiff_attention` from 156 to 141 ms on a 2-core CPU."""
@@ -164,10 +165,13 @@ def cpu_attention(q, k, v, mask=None, groups: int | None = None):
 
 
 def in_head_groups(fn, q, k, v, mask=None, groups: int | None = None):
-    """fn(q, k, v, mask) applied to `groups` (default `CPU_HEAD_GROUPS`, at most the number of heads) contiguous
-    groups of heads of q, k, v [B, N, H, Dh], as independent ops; the outputs concatenated over heads."""
+    """fn(q, k, v, mask) applied to `groups` (default `CPU_HEAD_GROUPS`, or 1 where the heads are sharded over a
+    mesh axis; at most the number of heads) contiguous groups of heads of q, k, v [B, N, H, Dh], as independent ops;
+    the outputs concatenated over heads."""
     heads = q.shape[2]
-    groups = min(heads, CPU_HEAD_GROUPS if groups is None else groups)
+    if groups is None:
+        groups = CPU_HEAD_GROUPS if active_mesh_size("heads") == 1 else 1
+    groups = min(heads, groups)
     if groups <= 1:
         return fn(q, k, v, mask)
     bounds = [heads * i // groups for i in range(1, groups)]
