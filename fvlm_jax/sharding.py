@@ -134,11 +134,8 @@ def active_mesh_axes(name: str) -> tuple[str, ...]:
 
 def active_mesh_size(name: str) -> int:
     """How many ways the active rules and mesh split logical axis `name` (1 without active rules or mesh)."""
-    active = _active_rules_and_mesh()
-    if active is None:
-        return 1
-    rules, mesh = active
-    return math.prod(mesh.shape[a] for a in rules.get(name, ()))
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in active_mesh_axes(name))
 
 
 def constrain(x, *names: str | None):
