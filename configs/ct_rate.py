@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_split = "valid"
     c.data.num_shards = 1024  # ~46 volumes (~1 GiB of raw uint8 records) per file
     c.data.workers = 16
-    # ~17 MiB per decoded volume (uint8 image + 4-bit labels) at this size: the buffer holds ~2 GiB; a resume reads
+    # ~17 MiB per raw volume (uint8 image + 4-bit labels) at this size, ~6 MiB with zlib (the buffer keeps zlib
+    # records compressed): the buffer holds ~2 GiB (~0.8 GiB with zlib); a resume reads
     # and decodes at most one block of 8 files (~6 GiB) to reach its step.
     c.data.shuffle_buffer = 128
     c.data.block_files = 8

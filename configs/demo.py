@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.beam_options = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
     # Training order: each epoch takes the record files in a seeded random order, data.block_files at a time,
     # interleaved and shuffled through a buffer of data.shuffle_buffer records. A resumed run reads at most one
-    # block to reach its step. Host memory holds about shuffle_buffer decoded volumes (image + packed labels).
+    # block to reach its step. Host memory holds about shuffle_buffer volumes (image + packed labels), decoded for
+    # raw records and compressed for zlib ones (decoded after the buffer).
     c.data.shuffle_buffer = 512
     c.data.block_files = 8
     # "all": every record each epoch; "one_per_epoch": one reconstruction of each scan per epoch, drawn afresh each

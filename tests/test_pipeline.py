@@ -47,6 +47,50 @@ def test_train_batches_deterministic_and_resumable(prepared_demo):
     assert not np.array_equal(a[0]["image"], a[1]["image"])
 
 
+def _zlib_copy(src, dst):
+    """The train split of prepared records `src` written again, record by record into files of the same names, with
+    zlib-compressed volumes."""
+    import tensorflow as tf
+
+    from input_pipeline import records
+    info = records.load_builder(str(src)).info
+    spec = info.features
+    (anatomies, text_len), diseases = spec["text_tokens"].shape, spec["disease"].shape[1]
+    zspec = records.features(anatomies, diseases, text_len, spec["report_tokens"].shape[0], spec["targets"].shape[0],
+                             volume_encoding="zlib")
+    dst.mkdir()
+    for path in records.split_files(str(src), "train"):
+        with tf.io.TFRecordWriter(str(dst / path.rsplit("/", 1)[1])) as w:
+            for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                w.write(zspec.serialize_example(tfds.as_numpy(spec.deserialize_example(serialized))))
+    split = info.splits["train"]
+    records.write_metadata(str(dst), zspec, [tfds.core.SplitInfo(
+        name="train", shard_lengths=split.shard_lengths, num_bytes=split.num_bytes,
+        filename_template=records.file_template(str(dst), "train"))], "zlib copy")
+    return dst
+
+
+def test_zlib_records_decoded_after_the_shuffle_give_the_same_batches(prepared_demo, tmp_path):
+    from input_pipeline import records
+    kw = dict(batch_size=4, size_zyx=(32, 48, 64), flip_prob=0.5, seed=3, shuffle_buffer=16)
+    raw = str(prepared_demo / "records")
+    zdir = str(_zlib_copy(prepared_demo / "records", tmp_path / "zlib"))
+    assert tfdata.decodes_before_shuffle(records.load_builder(raw).info.features)
+    assert not tfdata.decodes_before_shuffle(records.load_builder(zdir).info.features)
+    expected = _take(tfdata.train_batches(raw, "train", **kw), 5)
+    for rdir, decode in ((raw, "after_shuffle"), (zdir, "auto"), (zdir, "before_shuffle")):
+        got = _take(tfdata.train_batches(rdir, "train", decode=decode, **kw), 5)
+        for x, y in zip(expected, got):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{rdir} decode={decode}: {k}")
+    resumed = _take(tfdata.train_batches(zdir, "train", start_step=3, **kw), 2)
+    for x, y in zip(expected[3:], resumed):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(ValueError, match="decode="):
+        tfdata.train_batches(raw, "train", decode="later", **kw)
+
+
 def test_resume_point_matches_walking_the_stream():
     """The pure-Python resume point against a brute-force walk over the blocks of several epochs."""
     rng = np.random.default_rng(0)
