@@ -5,8 +5,8 @@
 The pieces, at the small size of `bench/vs_pytorch.py` (width 256, MLP 1024, 4 heads of 64, 256 tokens, batch 4:
 1024 token rows), all float32:
 - each dense layer's three products: forward x W, input gradient dy W^T, weight gradient x^T dy;
-- the attention's batched products per head ([16, 256, 64] x [16, 64, 256] and back) and its transposed-operand
-  form (dK = dS^T Q, dV = P^T dO);
+- the attention's batched products over batch x heads (16), in the layouts of `transformer.cpu_attention`: the
+  logits Q K^T ([16, 256, 64] by [16, 256, 64]), P V, and the transposed-operand form of dK and dV (P^T dO);
 - a residual chain of 4 pre-LN MLP halves (x + fc2(gelu(fc1(LN(x))))), forward and backward, built from
   fvlm_jax's own layers (`transformer.layer_norm`, `dense`, `gelu`) against torch.nn's; and the same chain with the
   matmuls alone (x + (x W1) W2), which shows how much of the chain's gap is the matmul library.
@@ -83,7 +83,7 @@ def jax_pieces(rng):
 
 def torch_pieces(rng):
     import torch
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     out = {}
     for name, (a, b, eq) in PRODUCTS.items():
         args = tuple(torch.from_numpy(rng.standard_normal(shape, np.float32)) for shape in (a, b))
@@ -92,11 +92,13 @@ def torch_pieces(rng):
     layers = [(torch.nn.LayerNorm(WIDTH, eps=1e-6), torch.nn.Linear(WIDTH, MLP), torch.nn.Linear(MLP, WIDTH))
               for _ in range(CHAIN_DEPTH)]
 
-    def chain():
+    chain_params = [x] + [p for layer in layers for m in layer for p in m.parameters()]
+
+    def chain():  # gradients returned, as jax.grad does (not accumulated into .grad)
         h = x
         for ln, fc1, fc2 in layers:
             h = h + fc2(torch.nn.functional.gelu(fc1(ln(h)), approximate="tanh"))
-        torch.sum(h ** 2).backward()
+        return torch.autograd.grad(torch.sum(h ** 2), chain_params)
 
     weights = [(torch.from_numpy(rng.standard_normal((WIDTH, MLP), np.float32) * 0.05).requires_grad_(),
                 torch.from_numpy(rng.standard_normal((MLP, WIDTH), np.float32) * 0.05).requires_grad_())
@@ -106,7 +108,7 @@ def torch_pieces(rng):
         h = x.reshape(ROWS, WIDTH)
         for w1, w2 in weights:
             h = h + (h @ w1) @ w2
-        torch.sum(h ** 2).backward()
+        return torch.autograd.grad(torch.sum(h ** 2), [w for pair in weights for w in pair] + [x])
 
     out["MLP chain, fvlm_jax layers (fwd + bwd)"] = (chain, ())
     out["MLP chain, matmuls alone (fwd + bwd)"] = (matmuls_alone, ())
@@ -135,7 +137,8 @@ def main():
         raise SystemExit(f"this comparison needs PyTorch ({e}): pip install torch") from e
     rng = np.random.default_rng(0)
     sides = {"jax": jax_pieces(rng), "pytorch": torch_pieces(rng)}
-    print(f"JAX {jax.__version__} (XLA:CPU) against PyTorch {torch.__version__}, {os.cpu_count()} CPU threads, "
+    print(f"JAX {jax.__version__} (XLA:CPU) against PyTorch {torch.__version__}, "
+          f"{len(os.sched_getaffinity(0))} CPU threads, "
           f"float32; {args.rounds} alternating rounds of {args.calls} calls, medians")
     print(f"{'piece':<40}{'JAX ms':>9}{'PyTorch ms':>12}{'ratio':>8}")
     for name in sides["jax"][0]:

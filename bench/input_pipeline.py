@@ -39,8 +39,9 @@ SIZE_ZYX = (112, 256, 352)
 STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
-PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_zlib", "ours_zlib_decode_first",
-             "naive")
+PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_none_decode_after", "ours_zlib",
+             "ours_zlib_decode_first", "naive")
+DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
 
 
 def make_volume(rng, shape):
@@ -160,11 +161,12 @@ def worker(method, folder, volumes, warmup):
         finish = jax.jit(lambda b: augment.finish_on_device(b, SIZE_ZYX[2]))
     with one_thread():
         if method.startswith("ours"):
-            records_dir = os.path.join(folder, method.replace("_glibc_default", "").replace("_cpu_finish", "")
-                                       .replace("_decode_first", ""))
-            it = tfdata.train_batches(records_dir, "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
-                                      flip_prob=0.2, seed=0,
-                                      decode="before_shuffle" if method.endswith("_decode_first") else "auto")
+            written = method  # the records folder: the name without the reading variant
+            for suffix in ("_glibc_default", "_cpu_finish", *DECODE):
+                written = written.replace(suffix, "")
+            decode = next((d for suffix, d in DECODE.items() if method.endswith(suffix)), "auto")
+            it = tfdata.train_batches(os.path.join(folder, written), "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
+                                      flip_prob=0.2, seed=0, decode=decode)
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
 
@@ -195,7 +197,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all pipelines (alternating, so machine noise hits all); medians are printed")
     ap.add_argument("--pipelines", default=",".join(PIPELINES),
-                    help="comma-separated subset to time (default: all); ratios need ours_none and naive")
+                    help="comma-separated subset to time (default: all); the ratio line needs ours_none, "
+                         "ours_none_glibc_default, ours_zlib and naive; a decode-order line a pipeline and its "
+                         "_decode_after / _decode_first variant")
     ap.add_argument("--worker", choices=(*PIPELINES, "write"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,12 +210,13 @@ def main():
         size["ours_none_glibc_default"] = size["ours_none"]  # same records, read without the malloc tuning
         size["ours_none_cpu_finish"] = size["ours_none"]
         size["ours_zlib_decode_first"] = size["ours_zlib"]
+        size["ours_none_decode_after"] = size["ours_none"]
         print(json.dumps({**size, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
         return
     if args.worker:
         worker(args.worker, args.dir, args.volumes, args.warmup)
         return
-    pipelines = args.pipelines.split(",")
+    pipelines = list(dict.fromkeys(args.pipelines.split(",")))
     if unknown := set(pipelines) - set(PIPELINES):
         ap.error(f"--pipelines: unknown {sorted(unknown)}; choose from {', '.join(PIPELINES)}")
 
@@ -246,6 +251,7 @@ def main():
     names = {"ours_none": "ours (uint8 raw, tfdata)", "ours_none_glibc_default": "  same, glibc malloc defaults",
              "ours_none_cpu_finish": "  + finish on this CPU (jax)",
              "ours_zlib": "ours (uint8 zlib, tfdata)",
+             "ours_none_decode_after": "  same, decoded after the shuffle",
              "ours_zlib_decode_first": "  same, decoded before the shuffle",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
@@ -262,12 +268,12 @@ def main():
               f"{per_cpu['ours_zlib'] / per_cpu['naive']:.2f}x; malloc tuning "
               f"{best / per_cpu['ours_none_glibc_default']:.2f}x; target >= 50 volumes per CPU-second: "
               f"{'met' if best >= 50 else 'NOT met'} ({best:.1f})")
-    if {"ours_zlib", "ours_zlib_decode_first"} <= set(per_cpu):
-        after, first = res["ours_zlib"], res["ours_zlib_decode_first"]
-        print(f"zlib records decoded after the shuffle (the default) / before it: "
-              f"{per_cpu['ours_zlib'] / per_cpu['ours_zlib_decode_first']:.2f}x the volumes per CPU-second, peak "
-              f"RSS {after['rss_kb'] / 1024:.0f} against {first['rss_kb'] / 1024:.0f} MiB (the buffer holds up to "
-              f"min(K, shuffle buffer) records)")
+    for default, other, what in (("ours_none", "ours_none_decode_after", "raw records decoded before the shuffle"),
+                                 ("ours_zlib", "ours_zlib_decode_first", "zlib records decoded after the shuffle")):
+        if {default, other} <= set(per_cpu):
+            print(f"{what} (the default) / the other order: {per_cpu[default] / per_cpu[other]:.2f}x the volumes per "
+                  f"CPU-second, peak RSS {res[default]['rss_kb'] / 1024:.0f} against "
+                  f"{res[other]['rss_kb'] / 1024:.0f} MiB (the buffer holds up to min(K, shuffle buffer) records)")
     me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"peak RSS: this process {me:.0f} MiB; children: writer {size['rss_kb'] / 1024:.0f} MiB, largest child "
           f"{ch:.0f} MiB")

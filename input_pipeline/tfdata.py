@@ -196,6 +196,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     tune_malloc()
     info = records.load_builder(records_dir).info
     spec = info.features
+    k = label_packing(spec)  # first: a clear error for records too old to read
     decode_first = decodes_before_shuffle(spec) if decode == "auto" else decode == "before_shuffle"
     all_files = records.split_files(records_dir, split)
     files = all_files[process_index::process_count]
@@ -257,8 +258,6 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     ds = tf.data.Dataset.range(epoch0 * n_blocks + block0, np.iinfo(np.int64).max).flat_map(block)
     ds = ds.skip(offset).enumerate(start=consumed)
     size_zyx = [int(s) for s in size_zyx]
-
-    k = label_packing(spec)
 
     def crop(i, ex):
         out = dict(ex)

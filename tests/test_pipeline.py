@@ -65,7 +65,7 @@ def _zlib_copy(src, dst):
                 w.write(zspec.serialize_example(tfds.as_numpy(spec.deserialize_example(serialized))))
     split = info.splits["train"]
     records.write_metadata(str(dst), zspec, [tfds.core.SplitInfo(
-        name="train", shard_lengths=split.shard_lengths, num_bytes=split.num_bytes,
+        name="train", shard_lengths=split.shard_lengths, num_bytes=sum(p.stat().st_size for p in dst.iterdir()),
         filename_template=records.file_template(str(dst), "train"))], "zlib copy")
     return dst
 
