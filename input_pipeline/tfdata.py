@@ -162,7 +162,7 @@ def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[i
 
 def decodes_before_shuffle(spec) -> bool:
     """Whether `train_batches(decode="auto")` decodes records before its shuffle buffer: yes when the volumes are
-    stored raw (a decoded record is as large as the stored one, and decoding it while it is still in cache is 12 %
+    stored raw (a decoded record is as large as the stored one, and decoding it while it is still in cache is 11-12 %
     faster than after the shuffle, from memory gone cold), no when they are compressed (the buffer would hold them
     decoded, about 2.8x larger with zlib: 512 records of 120 x 272 x 368 take 8.6 GiB decoded, 3.1 GiB stored)."""
     return all(spec[key].to_json_content().encoding in ("", "none", "bytes") for key in ("image", "labels_packed"))

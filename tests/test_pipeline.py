@@ -215,3 +215,11 @@ def test_reconstruction_table_matches_the_record_files(prepared_demo):
         ids = [spec.deserialize_example(r)["id"].numpy().decode() for r in tf.data.TFRecordDataset(f)]
         assert [zlib.crc32(ct_rate.scan_key(i).encode()) & 0x7FFFFFFF for i in ids] == [table["group"][j] for j in rows]
     assert set(table["count"]) == {1}  # the demo has one reconstruction per scan
+
+
+def test_records_without_packed_labels_get_a_clear_error():
+    old = tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8),
+                                      "labels": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8),
+                                      "text_tokens": tfds.features.Tensor(shape=(4, 8), dtype=np.int32)})
+    with pytest.raises(ValueError, match="prepare again"):
+        tfdata.label_packing(old)
