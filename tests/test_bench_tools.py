@@ -146,3 +146,37 @@ def test_named_scopes_reach_the_compiled_step(tmp_path):
     parts = {trace_summary.scope_of(op) for op in trace_summary.hlo_op_names(tmp_path).values()}
     assert {"vision forward", "vision backward", "text forward", "text backward", "anatomy_pool forward",
             "optimizer", "augment"} <= parts
+
+
+def test_cpu_ops_jax_pieces_compute_what_they_are_named():
+    """bench/cpu_ops.py's JAX side (its PyTorch side needs torch, not a dependency): each product piece is the
+    named matmul, and the MLP chain's gradient matches central differences along a random direction."""
+    import numpy as np
+    from flax import nnx
+
+    spec_ops = importlib.util.spec_from_file_location("cpu_ops", ROOT / "bench" / "cpu_ops.py")
+    cpu_ops = importlib.util.module_from_spec(spec_ops)
+    spec_ops.loader.exec_module(cpu_ops)
+    pieces, _ = cpu_ops.jax_pieces(np.random.default_rng(0))
+    expect = {"forward x W": lambda a, b: a @ b, "input grad dy W^T": lambda a, b: a @ b.T,
+              "weight grad x^T dy": lambda a, b: a.T @ b, "logits Q K^T": lambda a, b: a @ b.transpose(0, 2, 1),
+              "P V": lambda a, b: a @ b, "P^T dO": lambda a, b: a.transpose(0, 2, 1) @ b}
+    checked = 0
+    for name, (fn, args) in pieces.items():
+        ref = next((f for key, f in expect.items() if name.endswith(key)), None)
+        if ref is None:
+            continue
+        a, b = (np.asarray(x, np.float64) for x in args)
+        np.testing.assert_allclose(np.asarray(fn(*args)), ref(a, b), rtol=2e-4, atol=2e-3, err_msg=name)
+        checked += 1
+    assert checked == 15
+
+    fn, (params, x) = pieces["MLP chain, fvlm_jax layers (fwd + bwd)"]
+    _, dx = fn(params, x)
+    graphdef, _ = nnx.split(cpu_ops.JaxMlpChain(nnx.Rngs(0)), nnx.Param)
+    model = nnx.merge(graphdef, params)
+    loss = jax.jit(lambda x: jnp.sum(model(x) ** 2))
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    eps = 1e-2
+    numeric = (float(loss(x + eps * v)) - float(loss(x - eps * v))) / (2 * eps)
+    assert abs(float(jnp.vdot(dx, v)) - numeric) <= 2e-2 * abs(numeric)
