@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import struct
 from collections.abc import Iterator
 
 import numpy as np
@@ -160,6 +161,48 @@ def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[i
     raise AssertionError("unreachable: the blocks of an epoch hold all its examples")
 
 
+def record_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and lengths of the data of each record in the TFRecord file `path`, in file order, from the
+    record headers alone: a TFRecord is an 8-byte little-endian length, its 4-byte CRC, the data and the data's
+    4-byte CRC, so one seek and an 8-byte read per record find them all."""
+    offsets, lengths = [], []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            header = f.read(8)
+            if len(header) < 8:
+                raise ValueError(f"{path}: truncated record header at byte {pos}")
+            (n,) = struct.unpack("<Q", header)
+            offsets.append(pos + 12)
+            lengths.append(n)
+            pos += 16 + n
+    if pos != size:
+        raise ValueError(f"{path}: the last record runs past the end of the file ({pos} > {size} bytes)")
+    return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+
+class _RangeReader:
+    """Reads byte ranges of files by index with os.pread (the GIL is released while the kernel copies)."""
+
+    def __init__(self, paths):
+        self.paths, self.fds = list(paths), {}
+
+    def __call__(self, i, offset, length):
+        i = int(i)
+        if i not in self.fds:
+            self.fds[i] = os.open(self.paths[i], os.O_RDONLY)
+        data = os.pread(self.fds[i], int(length), int(offset))
+        if len(data) != int(length):
+            raise OSError(f"{self.paths[i]}: read {len(data)} of {int(length)} bytes at {int(offset)}")
+        return data
+
+    def __del__(self):
+        for fd in self.fds.values():
+            os.close(fd)
+
+
 def decodes_before_shuffle(spec) -> bool:
     """Whether `train_batches(decode="auto")` decodes records before its shuffle buffer: yes when the volumes are
     stored raw (a decoded record is as large as the stored one, and decoding it while it is still in cache is 11-12 %
@@ -170,7 +213,8 @@ def decodes_before_shuffle(spec) -> bool:
 
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
-                  process_count: int = 1, reconstructions: str = "all", decode: str = "auto") -> Iterator[dict]:
+                  process_count: int = 1, reconstructions: str = "all", decode: str = "auto",
+                  read_dropped: bool = False) -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
@@ -181,7 +225,11 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
     reconstructions: "all" trains on every record each epoch; "one_per_epoch" on one reconstruction of each scan
     (CT-RATE has about two per scan), chosen afresh each epoch by `reconstruction_choice` (the reference's "one
-    sample = one scan with a random reconstruction"). The others are read and dropped before decoding.
+    sample = one scan with a random reconstruction"). The kept records are read by their byte ranges
+    (`record_spans`, found from the record headers when the stream is built), so the other reconstructions are not
+    read at all; `read_dropped=True` instead reads every record and drops the others before decoding, as
+    TFRecordDataset does (it also checks each record's CRC, which the ranged reads do not). Files not on a local
+    (or FUSE-mounted) path are always read that way. The batches are the same either way.
 
     decode: where records are decoded relative to the shuffle buffer. "before_shuffle" decodes each record as it is
     read, while it is still in cache, so the buffer holds decoded volumes; "after_shuffle" keeps the buffer's
@@ -220,6 +268,16 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         pad = max(len(r) for r in rows)
         rec = {key: tf.constant(np.stack([np.pad(v[r], (0, pad - len(r)), constant_values=1) for r in rows]))
                for key, v in table.items()}
+        per_file = tf.constant([len(r) for r in rows], tf.int64)
+        read_dropped = read_dropped or any("://" in f for f in files)
+        if not read_dropped:
+            spans = [record_spans(f) for f in files]
+            if [len(o) for o, _ in spans] != [len(r) for r in rows]:
+                raise ValueError(f"the record files of split {split!r} do not hold the records {path} lists: "
+                                 "prepare again")
+            for key, j in (("offset", 0), ("length", 1)):
+                rec[key] = tf.constant(np.stack([np.pad(sp[j], (0, pad - len(sp[j]))) for sp in spans]))
+            read_range = _RangeReader(files)
     consumed = start_step * batch_size
     epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
 
@@ -235,10 +293,20 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
             ds = tf.data.Dataset.from_tensor_slices(tf.gather(names, idx)).interleave(
                 lambda f: tf.data.TFRecordDataset(f, buffer_size=0), cycle_length=block_files, block_length=1)
         else:  # keep the epoch's reconstruction of each scan, by (file, position) in the table
+            def kept(i, pos):
+                return reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos]) == \
+                    rec["index"][i, pos]
+
+            def read(i, pos):
+                data = tf.py_function(read_range, [i, rec["offset"][i, pos], rec["length"][i, pos]], tf.string)
+                return tf.ensure_shape(data, [])
+
             def one_file(i):
-                return tf.data.TFRecordDataset(names[i], buffer_size=0).enumerate().filter(
-                    lambda pos, _: reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos])
-                    == rec["index"][i, pos]).map(lambda _, r: r)
+                if read_dropped:
+                    return tf.data.TFRecordDataset(names[i], buffer_size=0).enumerate().filter(
+                        lambda pos, _: kept(i, pos)).map(lambda _, r: r)
+                return tf.data.Dataset.range(per_file[i]).filter(lambda pos: kept(i, pos)).map(
+                    lambda pos: read(i, pos))
             ds = tf.data.Dataset.from_tensor_slices(idx).interleave(one_file, cycle_length=block_files,
                                                                    block_length=1)
         # The shuffle reorders elements whatever they hold, so decoding before or after it gives the same stream.

@@ -86,6 +86,25 @@ def test_stream_takes_one_reconstruction_per_scan_each_epoch_and_resumes(multi_r
                 np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_records, tmp_path):
+    rdir, _, _ = multi_recon_records
+    for path in records.split_files(str(rdir), "train"):  # the spans are exactly the records' bytes
+        offsets, lengths = tfdata.record_spans(path)
+        raw = open(path, "rb").read()
+        assert [raw[o:o + n] for o, n in zip(offsets, lengths)] == list(
+            tf.data.TFRecordDataset(path).as_numpy_iterator())
+    ranged, dropped = _stream(rdir, 12), _stream(rdir, 12, read_dropped=True)
+    for x, y in zip(ranged, dropped):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for x, y in zip(ranged[5:], _stream(rdir, 2, start_step=5)):
+        np.testing.assert_array_equal(x["report_tokens"], y["report_tokens"])
+    cut = tmp_path / "cut.tfrecord"
+    cut.write_bytes(open(path, "rb").read()[:-3])
+    with pytest.raises(ValueError, match="past the end"):
+        tfdata.record_spans(str(cut))
+
+
 def test_all_reconstructions_by_default(multi_recon_records):
     rdir, ids, _ = multi_recon_records
     batches = _stream(rdir, 6, reconstructions="all")
