@@ -184,23 +184,23 @@ def record_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _RangeReader:
-    """Reads byte ranges of files by index with os.pread (the GIL is released while the kernel copies)."""
+    """Reads byte ranges of files by index with os.pread (the GIL is released while the kernel copies). Each read
+    opens and closes its file: tf.py_function keeps this object alive for the whole process, so descriptors held
+    open would pile up (one per record file, per stream), and an open costs nothing next to a multi-MiB read."""
 
     def __init__(self, paths):
-        self.paths, self.fds = list(paths), {}
+        self.paths = list(paths)
 
     def __call__(self, i, offset, length):
-        i = int(i)
-        if i not in self.fds:
-            self.fds[i] = os.open(self.paths[i], os.O_RDONLY)
-        data = os.pread(self.fds[i], int(length), int(offset))
-        if len(data) != int(length):
-            raise OSError(f"{self.paths[i]}: read {len(data)} of {int(length)} bytes at {int(offset)}")
-        return data
-
-    def __del__(self):
-        for fd in self.fds.values():
+        path, offset, length = self.paths[int(i)], int(offset), int(length)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
             os.close(fd)
+        if len(data) != length:
+            raise OSError(f"{path}: read {len(data)} of {length} bytes at {offset}")
+        return data
 
 
 def decodes_before_shuffle(spec) -> bool:

@@ -1,6 +1,7 @@
 """One reconstruction per scan and epoch (CT-RATE: train_1_a_1, train_1_a_2 are one scan): choice, stream, resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,23 +87,32 @@ def test_stream_takes_one_reconstruction_per_scan_each_epoch_and_resumes(multi_r
                 np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_records, tmp_path):
+def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_records, tmp_path, monkeypatch):
     rdir, _, _ = multi_recon_records
-    for path in records.split_files(str(rdir), "train"):  # the spans are exactly the records' bytes
+    files = records.split_files(str(rdir), "train")
+    for path in files:  # the spans are exactly the records' bytes
         offsets, lengths = tfdata.record_spans(path)
-        raw = open(path, "rb").read()
+        raw = Path(path).read_bytes()
         assert [raw[o:o + n] for o, n in zip(offsets, lengths)] == list(
             tf.data.TFRecordDataset(path).as_numpy_iterator())
-    ranged, dropped = _stream(rdir, 12), _stream(rdir, 12, read_dropped=True)
+    preads = []
+    pread = tfdata.os.pread
+    monkeypatch.setattr(tfdata.os, "pread", lambda fd, n, off: preads.append(off) or pread(fd, n, off))
+    ranged = _stream(rdir, 12)
+    assert len(preads) >= 36  # the 36 examples were read by range (and those read ahead)
+    dropped = _stream(rdir, 12, read_dropped=True)
     for x, y in zip(ranged, dropped):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     for x, y in zip(ranged[5:], _stream(rdir, 2, start_step=5)):
-        np.testing.assert_array_equal(x["report_tokens"], y["report_tokens"])
-    cut = tmp_path / "cut.tfrecord"
-    cut.write_bytes(open(path, "rb").read()[:-3])
-    with pytest.raises(ValueError, match="past the end"):
-        tfdata.record_spans(str(cut))
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    cut, short = tmp_path / "cut.tfrecord", tmp_path / "short.tfrecord"
+    cut.write_bytes(Path(files[-1]).read_bytes()[:-3])
+    short.write_bytes(Path(files[-1]).read_bytes() + b"\0\0\0")
+    for bad in (cut, short):
+        with pytest.raises(ValueError, match="past the end|truncated"):
+            tfdata.record_spans(str(bad))
 
 
 def test_all_reconstructions_by_default(multi_recon_records):
