@@ -43,6 +43,14 @@ PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ou
              "ours_none_one_per_epoch", "ours_none_one_per_epoch_read_dropped", "ours_zlib", "ours_zlib_decode_first",
              "naive")
 DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
+READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_read_dropped", *DECODE)
+
+
+def records_of(method: str) -> str:
+    """The records a pipeline reads ("ours_none", "ours_zlib" or "naive"): its name without the reading variant."""
+    for suffix in READ_VARIANTS:
+        method = method.replace(suffix, "")
+    return method
 
 
 def make_volume(rng, shape):
@@ -166,12 +174,9 @@ def worker(method, folder, volumes, warmup):
         finish = jax.jit(lambda b: augment.finish_on_device(b, SIZE_ZYX[2]))
     with one_thread():
         if method.startswith("ours"):
-            written = method  # the records folder: the name without the reading variant
-            for suffix in ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_read_dropped", *DECODE):
-                written = written.replace(suffix, "")
             decode = next((d for suffix, d in DECODE.items() if method.endswith(suffix)), "auto")
-            it = tfdata.train_batches(os.path.join(folder, written), "train", batch_size=BATCH, size_zyx=SIZE_ZYX,
-                                      flip_prob=0.2, seed=0, decode=decode,
+            it = tfdata.train_batches(os.path.join(folder, records_of(method)), "train", batch_size=BATCH,
+                                      size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0, decode=decode,
                                       reconstructions="one_per_epoch" if "_one_per_epoch" in method else "all",
                                       read_dropped=method.endswith("_read_dropped"))
         else:
@@ -214,11 +219,6 @@ def main():
         rng = np.random.default_rng(0)
         size = {f"ours_{e}": write_ours(os.path.join(args.dir, f"ours_{e}"), args.k, rng, e) for e in ("none", "zlib")}
         size["naive"] = write_naive(args.dir, args.k, rng)
-        size["ours_none_glibc_default"] = size["ours_none"]  # same records, read without the malloc tuning
-        size["ours_none_cpu_finish"] = size["ours_none"]
-        size["ours_zlib_decode_first"] = size["ours_zlib"]
-        size["ours_none_decode_after"] = size["ours_none"]
-        size["ours_none_one_per_epoch"] = size["ours_none_one_per_epoch_read_dropped"] = size["ours_none"]
         print(json.dumps({**size, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
         return
     if args.worker:
@@ -266,7 +266,7 @@ def main():
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
         print(f"{names[m]:<34}{r['n'] / r['wall']:>8.1f}{r['n'] / r['cpu']:>11.1f}{r['cpu'] / r['wall']:>11.2f}"
-              f"{size[m] / args.k / 2**20:>12.2f}{r['rss_kb'] / 1024:>14.0f}  {r['shape']} {r['dtype']}")
+              f"{size[records_of(m)] / args.k / 2**20:>12.2f}{r['rss_kb'] / 1024:>14.0f}  {r['shape']} {r['dtype']}")
     print(f"volumes per CPU-second in each of the {args.rounds} rounds: " +
           "; ".join(f"{names[m].strip()}: {', '.join(map(str, v))}" for m, v in spread.items()))
     per_cpu = {m: r["n"] / r["cpu"] for m, r in res.items()}

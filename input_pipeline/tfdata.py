@@ -262,17 +262,18 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         with open(path) as f:
             table = {key: np.asarray(v, np.int64) for key, v in json.load(f)[split].items()}
         rows = records.shard_rows(len(table["group"]), len(all_files))[process_index::process_count]
-        if [len(r) for r in rows] != lengths:
+        counts = [len(r) for r in rows]
+        if counts != lengths:
             raise ValueError(f"{path} does not describe the record files of split {split!r}: prepare again")
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
-        pad = max(len(r) for r in rows)
+        pad = max(counts)
         rec = {key: tf.constant(np.stack([np.pad(v[r], (0, pad - len(r)), constant_values=1) for r in rows]))
                for key, v in table.items()}
-        per_file = tf.constant([len(r) for r in rows], tf.int64)
+        per_file = tf.constant(counts, tf.int64)
         read_dropped = read_dropped or any("://" in f for f in files)
         if not read_dropped:
             spans = [record_spans(f) for f in files]
-            if [len(o) for o, _ in spans] != [len(r) for r in rows]:
+            if [len(o) for o, _ in spans] != counts:
                 raise ValueError(f"the record files of split {split!r} do not hold the records {path} lists: "
                                  "prepare again")
             for key, j in (("offset", 0), ("length", 1)):
