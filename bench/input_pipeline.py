@@ -40,10 +40,11 @@ STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
 PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_none_decode_after",
-             "ours_none_one_per_epoch", "ours_none_one_per_epoch_read_dropped", "ours_zlib", "ours_zlib_decode_first",
+             "ours_none_one_per_epoch", "ours_none_one_per_epoch_no_crc", "ours_none_one_per_epoch_read_dropped",
+             "ours_zlib", "ours_zlib_decode_first",
              "naive")
 DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
-READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_read_dropped", *DECODE)
+READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_no_crc", "_read_dropped", *DECODE)
 
 
 def records_of(method: str) -> str:
@@ -178,7 +179,8 @@ def worker(method, folder, volumes, warmup):
             it = tfdata.train_batches(os.path.join(folder, records_of(method)), "train", batch_size=BATCH,
                                       size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0, decode=decode,
                                       reconstructions="one_per_epoch" if "_one_per_epoch" in method else "all",
-                                      read_dropped=method.endswith("_read_dropped"))
+                                      read_dropped=method.endswith("_read_dropped"),
+                                      check_crc=not method.endswith("_no_crc"))
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
 
@@ -261,6 +263,7 @@ def main():
              "ours_zlib": "ours (uint8 zlib, tfdata)",
              "ours_none_decode_after": "  same, decoded after the shuffle",
              "ours_none_one_per_epoch": "  same, one of 2 reconstructions",
+             "ours_none_one_per_epoch_no_crc": "    same, data CRC unchecked",
              "ours_none_one_per_epoch_read_dropped": "    the other read and dropped",
              "ours_zlib_decode_first": "  same, decoded before the shuffle",
              "naive": "naive (raw int16, float32 out)"}
@@ -289,6 +292,10 @@ def main():
         if {"ours_none", m} <= set(per_cpu):
             print(f"one reconstruction of each scan's 2 per epoch ({how}) / every record: "
                   f"{per_cpu[m] / per_cpu['ours_none']:.2f}x the trained volumes per CPU-second")
+    if {"ours_none_one_per_epoch", "ours_none_one_per_epoch_no_crc"} <= set(per_cpu):
+        print("ranged reads with the CRC checked (the default) / unchecked: "
+              f"{per_cpu['ours_none_one_per_epoch'] / per_cpu['ours_none_one_per_epoch_no_crc']:.2f}x the trained "
+              "volumes per CPU-second")
     me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"peak RSS: this process {me:.0f} MiB; children: writer {size['rss_kb'] / 1024:.0f} MiB, largest child "
           f"{ch:.0f} MiB")

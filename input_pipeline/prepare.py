@@ -302,6 +302,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     for split in splits:
         for old in glob.glob(os.path.join(out_dir, f"{records.DATASET_NAME}-{split}.{records.FILE_FORMAT}-*")):
             os.remove(old)
+        if os.path.exists(records.record_index_path(out_dir, split)):
+            os.remove(records.record_index_path(out_dir, split))
         writer = records.ShardedWriter(out_dir, split, cfg.data.num_shards, spec)
         present_n = np.zeros(len(anatomies))
         abnormal_n = np.zeros(len(anatomies))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 
@@ -58,23 +59,52 @@ class ShardedWriter:
         self.paths = [shard_path(records_dir, split, i, num_shards) for i in range(num_shards)]
         self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
         self.lengths = [0] * num_shards
+        self.record_bytes: list[list[int]] = [[] for _ in range(num_shards)]
         self.count = 0
 
     def write(self, example: dict) -> None:
         i = self.count % len(self.writers)
-        self.writers[i].write(self.spec.serialize_example(example))
+        data = self.spec.serialize_example(example)
+        self.writers[i].write(data)
         self.lengths[i] += 1
+        self.record_bytes[i].append(len(data))
         self.count += 1
 
     def close(self) -> tfds.core.SplitInfo:
         for w in self.writers:
             w.close()
+        write_record_index(os.path.dirname(self.paths[0]), self.split, {
+            os.path.basename(p): {"bytes": os.path.getsize(p), "record_bytes": n}
+            for p, n in zip(self.paths, self.record_bytes)})
         num_bytes = sum(os.path.getsize(p) for p in self.paths)
         return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes,
                                    filename_template=file_template(os.path.dirname(self.paths[0]), self.split))
 
 
 RECONSTRUCTIONS_FILE = "reconstructions.json"
+
+
+def record_index_path(records_dir: str, split: str) -> str:
+    return os.path.join(records_dir, f"record_index-{split}.json")
+
+
+def write_record_index(records_dir: str, split: str, index: dict) -> None:
+    """Writes {file name: {"bytes": file size, "record_bytes": [data length of each record, in file order]}} of a
+    split's record files, so readers can find every record's byte range without scanning the files
+    (`tfdata.record_spans`). Written to a temporary name and renamed, so a reader never sees half of it."""
+    path = record_index_path(records_dir, split)
+    with open(path + ".tmp", "w") as f:
+        json.dump(index, f)
+    os.replace(path + ".tmp", path)
+
+
+def load_record_index(records_dir: str, split: str) -> dict | None:
+    """The split's record index written by `ShardedWriter.close`, or None where there is none (older records)."""
+    path = record_index_path(records_dir, split)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def reconstruction_table(ids: list[str], scan_of) -> dict:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import struct
 from collections.abc import Iterator
 
+import crc32c
 import numpy as np
 import tensorflow as tf
 
 from fvlm_jax import augment
 from input_pipeline import preprocess, records
+
+log = logging.getLogger(__name__)
 
 _MALLOC_TUNED = False
 
@@ -161,10 +165,21 @@ def resume_point(lengths, block_files: int, seed: int, consumed: int) -> tuple[i
     raise AssertionError("unreachable: the blocks of an epoch hold all its examples")
 
 
-def record_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offsets and lengths of the data of each record in the TFRecord file `path`, in file order, from the
-    record headers alone: a TFRecord is an 8-byte little-endian length, its 4-byte CRC, the data and the data's
-    4-byte CRC, so one seek and an 8-byte read per record find them all."""
+def record_spans(path: str, indexed: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and lengths of the data of each record in the TFRecord file `path`, in file order.
+
+    A TFRecord is an 8-byte little-endian length, its 4-byte CRC, the data and the data's 4-byte CRC. `indexed` is
+    the file's entry in the split's record index (`records.load_record_index`, written when the records were
+    prepared): the spans follow from its record lengths without reading the file. Without one, or when it does not
+    match the file's size (the file was rewritten since), they are found from the record headers: one seek and an
+    8-byte read per record."""
+    if indexed is not None:
+        n = np.asarray(indexed["record_bytes"], np.int64)
+        size = os.path.getsize(path)
+        if indexed["bytes"] == size and int((n + 16).sum()) == size:
+            return np.cumsum(n + 16) - n - 4, n
+        log.warning("%s: the record index does not match the file (%d bytes); finding its records from their "
+                    "headers", path, size)
     offsets, lengths = [], []
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -183,23 +198,40 @@ def record_spans(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
-class _RangeReader:
-    """Reads byte ranges of files by index with os.pread (the GIL is released while the kernel copies). Each read
-    opens and closes its file: tf.py_function keeps this object alive for the whole process, so descriptors held
-    open would pile up (one per record file, per stream), and an open costs nothing next to a multi-MiB read."""
+def masked_crc32c(data) -> int:
+    """The masked CRC-32C that TFRecord files store after each record's length and data."""
+    c = crc32c.crc32c(data)
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
-    def __init__(self, paths):
-        self.paths = list(paths)
+
+class _RangeReader:
+    """Reads records by byte range with os.pread (the GIL is released while the kernel copies), checking the
+    length and both CRCs of each record as TFRecordDataset does. Each read opens and closes its file: tf.py_function
+    keeps this object alive for the whole process, so descriptors held open would pile up (one per record file, per
+    stream), and an open costs nothing next to a multi-MiB read."""
+
+    def __init__(self, paths, check_crc: bool = True):
+        self.paths, self.check_crc = list(paths), check_crc
 
     def __call__(self, i, offset, length):
         path, offset, length = self.paths[int(i)], int(offset), int(length)
         fd = os.open(path, os.O_RDONLY)
         try:
+            head = os.pread(fd, 12, offset - 12)
             data = os.pread(fd, length, offset)
+            tail = os.pread(fd, 4, offset + length)
         finally:
             os.close(fd)
-        if len(data) != length:
-            raise OSError(f"{path}: read {len(data)} of {length} bytes at {offset}")
+        if len(head) != 12 or len(data) != length or len(tail) != 4:
+            raise OSError(f"{path}: the record at byte {offset - 12} is cut short (read {len(data)} of its {length} "
+                          "bytes): the file was truncated or rewritten after the stream started")
+        n, head_crc = struct.unpack("<QI", head)
+        if n != length or masked_crc32c(head[:8]) != head_crc:
+            raise OSError(f"{path}: no valid record header at byte {offset - 12}: the file was rewritten after its "
+                          "record spans were found, or is corrupted")
+        if self.check_crc and masked_crc32c(data) != struct.unpack("<I", tail)[0]:
+            raise OSError(f"{path}: the record at byte {offset - 12} fails its CRC check: the file is corrupted "
+                          "(copy it again, or prepare again)")
         return data
 
 
@@ -214,7 +246,7 @@ def decodes_before_shuffle(spec) -> bool:
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
                   process_count: int = 1, reconstructions: str = "all", decode: str = "auto",
-                  read_dropped: bool = False) -> Iterator[dict]:
+                  read_dropped: bool = False, check_crc: bool = True) -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
@@ -226,10 +258,12 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     reconstructions: "all" trains on every record each epoch; "one_per_epoch" on one reconstruction of each scan
     (CT-RATE has about two per scan), chosen afresh each epoch by `reconstruction_choice` (the reference's "one
     sample = one scan with a random reconstruction"). The kept records are read by their byte ranges
-    (`record_spans`, found from the record headers when the stream is built), so the other reconstructions are not
-    read at all; `read_dropped=True` instead reads every record and drops the others before decoding, as
-    TFRecordDataset does (it also checks each record's CRC, which the ranged reads do not). Files not on a local
-    (or FUSE-mounted) path are always read that way. The batches are the same either way.
+    (`record_spans`, from the record index written at preparation, or from the record headers when there is none),
+    so the other reconstructions are not read at all. Each read record's length is checked against its header, and
+    its data against its CRC as TFRecordDataset does (`check_crc=False` skips that data CRC: 5-8 % more volumes per
+    CPU-second, bench/input_pipeline.py). `read_dropped=True` instead reads every record and drops the others
+    before decoding. Files not on a local (or FUSE-mounted) path are always read that way. The batches are the same
+    either way.
 
     decode: where records are decoded relative to the shuffle buffer. "before_shuffle" decodes each record as it is
     read, while it is still in cache, so the buffer holds decoded volumes; "after_shuffle" keeps the buffer's
@@ -272,13 +306,14 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         per_file = tf.constant(counts, tf.int64)
         read_dropped = read_dropped or any("://" in f for f in files)
         if not read_dropped:
-            spans = [record_spans(f) for f in files]
+            index = records.load_record_index(records_dir, split) or {}
+            spans = [record_spans(f, index.get(os.path.basename(f))) for f in files]
             if [len(o) for o, _ in spans] != counts:
                 raise ValueError(f"the record files of split {split!r} do not hold the records {path} lists: "
                                  "prepare again")
             for key, j in (("offset", 0), ("length", 1)):
                 rec[key] = tf.constant(np.stack([np.pad(sp[j], (0, pad - len(sp[j]))) for sp in spans]))
-            read_range = _RangeReader(files)
+            read_range = _RangeReader(files, check_crc)
     consumed = start_step * batch_size
     epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
 

@@ -115,6 +115,60 @@ def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_record
             tfdata.record_spans(str(bad))
 
 
+def _copy_records(rdir, to):
+    to.mkdir()
+    for f in rdir.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_record_index_gives_the_spans_and_reads_are_checked(multi_recon_records, tmp_path, caplog):
+    rdir, _, _ = multi_recon_records
+    index = records.load_record_index(str(rdir), "train")
+    files = records.split_files(str(rdir), "train")
+    assert sorted(index) == sorted(Path(f).name for f in files)
+    for path in files:  # the index written at preparation gives the spans the headers give
+        scanned = tfdata.record_spans(path)
+        indexed = tfdata.record_spans(path, index[Path(path).name])
+        for a, b in zip(scanned, indexed):
+            np.testing.assert_array_equal(a, b)
+        stale = dict(index[Path(path).name], bytes=index[Path(path).name]["bytes"] + 1)
+        with caplog.at_level("WARNING"):
+            for a, b in zip(scanned, tfdata.record_spans(path, stale)):  # a stale entry: the headers are read
+                np.testing.assert_array_equal(a, b)
+        assert "does not match" in caplog.text
+    raw = Path(files[0]).read_bytes()
+    assert tfdata.masked_crc32c(raw[:8]) == int.from_bytes(raw[8:12], "little")
+
+    # The stream takes the spans from the index: swapped lengths (same file size) put reads off the records.
+    wrong = _copy_records(rdir, tmp_path / "wrong_index")
+    bad_index = json.loads(json.dumps(index))
+    for entry in bad_index.values():
+        n = entry["record_bytes"]
+        n[0], n[1] = n[1] + 8, n[0] - 8
+    (wrong / Path(records.record_index_path(str(wrong), "train")).name).write_text(json.dumps(bad_index))
+    with pytest.raises(Exception, match="no valid record header"):
+        _stream(wrong, 12)
+
+    # Without an index the spans come from the headers, and the stream is the same.
+    plain = _copy_records(rdir, tmp_path / "no_index")
+    Path(records.record_index_path(str(plain), "train")).unlink()
+    for x, y in zip(_stream(rdir, 6), _stream(plain, 6)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+    # A flipped byte inside a record's data fails its CRC check.
+    flipped = _copy_records(rdir, tmp_path / "flipped")
+    for path in records.split_files(str(flipped), "train"):
+        offsets, lengths = tfdata.record_spans(path)
+        data = bytearray(Path(path).read_bytes())
+        for o, n in zip(offsets, lengths):
+            data[o + n // 2] ^= 0x01
+        Path(path).write_bytes(bytes(data))
+    with pytest.raises(Exception, match="fails its CRC check"):
+        _stream(flipped, 12)
+
+
 def test_all_reconstructions_by_default(multi_recon_records):
     rdir, ids, _ = multi_recon_records
     batches = _stream(rdir, 6, reconstructions="all")
