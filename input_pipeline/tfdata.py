@@ -249,7 +249,7 @@ def decodes_before_shuffle(spec) -> bool:
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
                   process_count: int = 1, reconstructions: str = "all", decode: str = "auto",
-                  read_dropped: bool = False, check_crc: bool = True) -> Iterator[dict]:
+                  ranged_reads: bool = True, check_crc: bool = True) -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
@@ -260,13 +260,16 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
     reconstructions: "all" trains on every record each epoch; "one_per_epoch" on one reconstruction of each scan
     (CT-RATE has about two per scan), chosen afresh each epoch by `reconstruction_choice` (the reference's "one
-    sample = one scan with a random reconstruction"). The kept records are read by their byte ranges
-    (`record_spans`, from the record index written at preparation, or from the record headers when there is none),
-    so the other reconstructions are not read at all. Each read record's length is checked against its header, and
-    its data against its CRC as TFRecordDataset does (`check_crc=False` skips that data CRC: 5-8 % more volumes per
-    CPU-second, bench/input_pipeline.py). `read_dropped=True` instead reads every record and drops the others
-    before decoding. Files not on a local (or FUSE-mounted) path are always read that way. The batches are the same
-    either way.
+    sample = one scan with a random reconstruction").
+
+    ranged_reads (default): records are read by their byte ranges (`record_spans`, from the record index written at
+    preparation, or from the record headers where there is none), so the reconstructions an epoch leaves out are
+    not read at all. Each record's length is checked against its header and its data against its CRC-32C, as
+    TFRecordDataset does, but with the hardware CRC of the `crc32c` package (TensorFlow's own took 28 % of the
+    stream's CPU time in a profile); `check_crc=False` skips the data CRC. `ranged_reads=False` reads the files
+    with TFRecordDataset, every record, dropping the left-out reconstructions before decoding; files not on a
+    local (or FUSE-mounted) path are always read that way. The batches are the same either way
+    (bench/input_pipeline.py has the costs).
 
     decode: where records are decoded relative to the shuffle buffer. "before_shuffle" decodes each record as it is
     read, while it is still in cache, so the buffer holds decoded volumes; "after_shuffle" keeps the buffer's
@@ -290,7 +293,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         # An endless stream over no records would spin forever instead of failing.
         raise ValueError(f"process {process_index} of {process_count} gets no record of split {split!r}: prepare "
                          "with data.num_shards a multiple of the process count and at most the number of scans")
-    table = None
+    table, rec = None, {}
     if reconstructions == "one_per_epoch":
         path = os.path.join(records_dir, records.RECONSTRUCTIONS_FILE)
         if not os.path.exists(path):
@@ -299,24 +302,25 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         with open(path) as f:
             table = {key: np.asarray(v, np.int64) for key, v in json.load(f)[split].items()}
         rows = records.shard_rows(len(table["group"]), len(all_files))[process_index::process_count]
-        counts = [len(r) for r in rows]
-        if counts != lengths:
+        if [len(r) for r in rows] != lengths:
             raise ValueError(f"{path} does not describe the record files of split {split!r}: prepare again")
+        rec = {key: [v[r] for r in rows] for key, v in table.items()}
+    counts = list(lengths)
+    if table is not None:
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
-        pad = max(counts)
-        rec = {key: tf.constant(np.stack([np.pad(v[r], (0, pad - len(r)), constant_values=1) for r in rows]))
-               for key, v in table.items()}
-        per_file = tf.constant(counts, tf.int64)
-        read_dropped = read_dropped or any("://" in f for f in files)
-        if not read_dropped:
-            index = records.load_record_index(records_dir, split) or {}
-            spans = [record_spans(f, index.get(os.path.basename(f))) for f in files]
-            if [len(o) for o, _ in spans] != counts:
-                raise ValueError(f"the record files of split {split!r} do not hold the records {path} lists: "
-                                 "prepare again")
-            for key, j in (("offset", 0), ("length", 1)):
-                rec[key] = tf.constant(np.stack([np.pad(sp[j], (0, pad - len(sp[j]))) for sp in spans]))
-            read_range = _RangeReader(files, check_crc)
+    ranged_reads = ranged_reads and not any("://" in f for f in files)
+    if ranged_reads:
+        index = records.load_record_index(records_dir, split) or {}
+        spans = [record_spans(f, index.get(os.path.basename(f))) for f in files]
+        if [len(o) for o, _ in spans] != counts:
+            raise ValueError(f"the record files of split {split!r} do not hold the records their metadata lists: "
+                             "prepare again")
+        rec["offset"], rec["length"] = [o for o, _ in spans], [n for _, n in spans]
+        read_range = _RangeReader(files, check_crc)
+    pad = max(counts)  # per-file columns as [file, position] tables
+    rec = {key: tf.constant(np.stack([np.pad(c, (0, pad - len(c)), constant_values=1) for c in v]))
+           for key, v in rec.items()}
+    per_file = tf.constant(counts, tf.int64)
     consumed = start_step * batch_size
     epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
 
@@ -328,26 +332,26 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         idx = _epoch_perm(len(files), seed, epoch)[b * block_files:(b + 1) * block_files]
         block_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + epoch,
                                                                     b]), minval=None, maxval=None, dtype=tf.int64)
-        if table is None:
-            ds = tf.data.Dataset.from_tensor_slices(tf.gather(names, idx)).interleave(
-                lambda f: tf.data.TFRecordDataset(f, buffer_size=0), cycle_length=block_files, block_length=1)
-        else:  # keep the epoch's reconstruction of each scan, by (file, position) in the table
-            def kept(i, pos):
-                return reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos]) == \
-                    rec["index"][i, pos]
 
-            def read(i, pos):
-                data = tf.py_function(read_range, [i, rec["offset"][i, pos], rec["length"][i, pos]], tf.string)
-                return tf.ensure_shape(data, [])
+        def kept(i, pos):  # the epoch's reconstruction of each scan, by (file, position) in the table
+            return reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos]) == \
+                rec["index"][i, pos]
 
-            def one_file(i):
-                if read_dropped:
-                    return tf.data.TFRecordDataset(names[i], buffer_size=0).enumerate().filter(
-                        lambda pos, _: kept(i, pos)).map(lambda _, r: r)
-                return tf.data.Dataset.range(per_file[i]).filter(lambda pos: kept(i, pos)).map(
-                    lambda pos: read(i, pos))
-            ds = tf.data.Dataset.from_tensor_slices(idx).interleave(one_file, cycle_length=block_files,
-                                                                   block_length=1)
+        def read(i, pos):
+            data = tf.py_function(read_range, [i, rec["offset"][i, pos], rec["length"][i, pos]], tf.string)
+            return tf.ensure_shape(data, [])
+
+        def one_file(i):
+            if not ranged_reads:
+                ds = tf.data.TFRecordDataset(names[i], buffer_size=0)
+                if table is None:
+                    return ds
+                return ds.enumerate().filter(lambda pos, _: kept(i, pos)).map(lambda _, r: r)
+            ds = tf.data.Dataset.range(per_file[i])
+            if table is not None:
+                ds = ds.filter(lambda pos: kept(i, pos))
+            return ds.map(lambda pos: read(i, pos))
+        ds = tf.data.Dataset.from_tensor_slices(idx).interleave(one_file, cycle_length=block_files, block_length=1)
         # The shuffle reorders elements whatever they hold, so decoding before or after it gives the same stream.
         # The crop stays after it (seeded by the example counter).
         if decode_first:

@@ -100,7 +100,7 @@ def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_record
     monkeypatch.setattr(tfdata.os, "pread", lambda fd, n, off: preads.append(off) or pread(fd, n, off))
     ranged = _stream(rdir, 12)
     assert len(preads) >= 36  # the 36 examples were read by range (and those read ahead)
-    dropped = _stream(rdir, 12, read_dropped=True)
+    dropped = _stream(rdir, 12, ranged_reads=False)
     for x, y in zip(ranged, dropped):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
@@ -173,6 +173,13 @@ def test_all_reconstructions_by_default(multi_recon_records):
     rdir, ids, _ = multi_recon_records
     batches = _stream(rdir, 6, reconstructions="all")
     assert sorted(int(r) for b in batches for r in b["report_tokens"][:, 0]) == list(range(18))
+    # Every record by byte range (the default) and by TFRecordDataset: the same stream, resumes included.
+    for x, y in zip(batches, _stream(rdir, 6, reconstructions="all", ranged_reads=False)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for x, y in zip(batches[4:], _stream(rdir, 2, reconstructions="all", start_step=4)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
     with pytest.raises(ValueError, match="one_per_epoch"):
         _stream(rdir, 1, reconstructions="random")
 
