@@ -134,7 +134,8 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         encoder = evaluate.image_encoder(model, mesh, cfg.sharding.rules)  # compiled once for both splits
         for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
             enc = evaluate.encode_images(encoder, tfdata.eval_batches(
-                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx),
+                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx,
+                check_crc=cfg.data.get("check_crc", True)),
                 ahead=cfg.data.prefetch_to_device, desc=f"encode {method} {split}")
             per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
         scores, targets = per_split[cfg.data.eval_split]

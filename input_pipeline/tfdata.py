@@ -238,6 +238,17 @@ class _RangeReader:
         return np.array(data, dtype=object)
 
 
+def split_spans(records_dir: str, split: str, files: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`record_spans` of each of a split's record `files`, from the split's record index where there is one."""
+    index = records.load_record_index(records_dir, split) or {}
+    return [record_spans(f, index.get(os.path.basename(f))) for f in files]
+
+
+def local_paths(files) -> bool:
+    """Whether the files can be read by byte range (os.pread): paths, not URLs such as gs://."""
+    return not any("://" in f for f in files)
+
+
 def decodes_before_shuffle(spec) -> bool:
     """Whether `train_batches(decode="auto")` decodes records before its shuffle buffer: yes when the volumes are
     stored raw (a decoded record is as large as the stored one, and decoding it while it is still in cache is 11-12 %
@@ -308,10 +319,9 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     counts = list(lengths)
     if table is not None:
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
-    ranged_reads = ranged_reads and not any("://" in f for f in files)
+    ranged_reads = ranged_reads and local_paths(files)
     if ranged_reads:
-        index = records.load_record_index(records_dir, split) or {}
-        spans = [record_spans(f, index.get(os.path.basename(f))) for f in files]
+        spans = split_spans(records_dir, split, files)
         if [len(o) for o, _ in spans] != counts:
             raise ValueError(f"the record files of split {split!r} do not hold the records their metadata lists: "
                              "prepare again")
@@ -381,10 +391,12 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     return ds.as_numpy_iterator()
 
 
-def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> Iterator[dict]:
+def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, ranged_reads: bool = True,
+                 check_crc: bool = True) -> Iterator[dict]:
     """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
 
-    Yields numpy dicts with image, labels, targets [B, C], id and mask.
+    Records are read in file order, by byte range as in `train_batches` (`ranged_reads=False`, or files on a URL:
+    TFRecordDataset). Yields numpy dicts with image, labels, targets [B, C], id and mask.
     """
     spec = records.load_builder(records_dir).info.features
     size_zyx = [int(s) for s in size_zyx]
@@ -397,7 +409,16 @@ def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
         return {"image": center_crop(ex["image"], size_zyx), "labels": labels,
                 "targets": ex["targets"], "id": ex["id"]}
 
-    ds = tf.data.TFRecordDataset(records.split_files(records_dir, split)).map(decode, num_parallel_calls=4)
+    files = records.split_files(records_dir, split)
+    if ranged_reads and local_paths(files):
+        spans = split_spans(records_dir, split, files)
+        read_range = _RangeReader(files, check_crc)
+        which = np.concatenate([np.full(len(o), i, np.int64) for i, (o, _) in enumerate(spans)])
+        ds = tf.data.Dataset.from_tensor_slices((which, *(np.concatenate(c) for c in zip(*spans)))).map(
+            lambda i, o, n: tf.ensure_shape(tf.py_function(read_range, [i, o, n], tf.string), []))
+    else:
+        ds = tf.data.TFRecordDataset(files)
+    ds = ds.map(decode, num_parallel_calls=4)
     for batch in ds.batch(batch_size).as_numpy_iterator():
         n = len(batch["id"])
         batch["mask"] = np.arange(batch_size) < n
