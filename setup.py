@@ -30,7 +30,6 @@ setup(
         # Preparation and the tf.data input pipeline (input_pipeline/ only; the model runs without them).
         "tensorflow-cpu>=2.19,<2.22",
         "tensorflow-datasets>=4.9.8,<4.10",
-        "crc32c>=2.4,<3",  # CRC-32C (hardware, 3-way) of the records the training stream reads by byte range
     ],
     extras_require={
         "gpu": ["jax[cuda12]>=0.10,<0.12"],

@@ -39,12 +39,11 @@ SIZE_ZYX = (112, 256, 352)
 STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
-PIPELINES = ("ours_none", "ours_none_tfrecord", "ours_none_cpu_finish", "ours_none_glibc_default",
-             "ours_none_decode_after", "ours_none_one_per_epoch", "ours_none_one_per_epoch_no_crc",
-             "ours_none_one_per_epoch_tfrecord", "ours_zlib", "ours_zlib_decode_first",
+PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_none_decode_after",
+             "ours_none_one_per_epoch", "ours_none_one_per_epoch_tfrecord", "ours_zlib", "ours_zlib_decode_first",
              "naive")
 DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
-READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_no_crc", "_tfrecord", *DECODE)
+READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_tfrecord", *DECODE)
 
 
 def records_of(method: str) -> str:
@@ -179,8 +178,7 @@ def worker(method, folder, volumes, warmup):
             it = tfdata.train_batches(os.path.join(folder, records_of(method)), "train", batch_size=BATCH,
                                       size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0, decode=decode,
                                       reconstructions="one_per_epoch" if "_one_per_epoch" in method else "all",
-                                      ranged_reads=not method.endswith("_tfrecord"),
-                                      check_crc=not method.endswith("_no_crc"))
+                                      ranged_reads=not method.endswith("_tfrecord"))
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
 
@@ -263,9 +261,7 @@ def main():
              "ours_zlib": "ours (uint8 zlib, tfdata)",
              "ours_none_decode_after": "  same, decoded after the shuffle",
              "ours_none_one_per_epoch": "  same, one of 2 reconstructions",
-             "ours_none_one_per_epoch_no_crc": "    same, data CRC unchecked",
              "ours_none_one_per_epoch_tfrecord": "    TFRecordDataset, other dropped",
-             "ours_none_tfrecord": "  same, read by TFRecordDataset",
              "ours_zlib_decode_first": "  same, decoded before the shuffle",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
@@ -288,18 +284,11 @@ def main():
             print(f"{what} (the default) / the other order: {per_cpu[default] / per_cpu[other]:.2f}x the volumes per "
                   f"CPU-second, peak RSS {res[default]['rss_kb'] / 1024:.0f} against "
                   f"{res[other]['rss_kb'] / 1024:.0f} MiB (the buffer holds up to min(K, shuffle buffer) records)")
-    if {"ours_none", "ours_none_tfrecord"} <= set(per_cpu):
-        print("every record read by byte range (the default) / by TFRecordDataset: "
-              f"{per_cpu['ours_none'] / per_cpu['ours_none_tfrecord']:.2f}x the volumes per CPU-second")
     for m, how in (("ours_none_one_per_epoch", "the other not read: ranged reads"),
                    ("ours_none_one_per_epoch_tfrecord", "every record read by TFRecordDataset, the other dropped")):
         if {"ours_none", m} <= set(per_cpu):
             print(f"one reconstruction of each scan's 2 per epoch ({how}) / every record: "
                   f"{per_cpu[m] / per_cpu['ours_none']:.2f}x the trained volumes per CPU-second")
-    if {"ours_none_one_per_epoch", "ours_none_one_per_epoch_no_crc"} <= set(per_cpu):
-        print("ranged reads with the CRC checked (the default) / unchecked: "
-              f"{per_cpu['ours_none_one_per_epoch'] / per_cpu['ours_none_one_per_epoch_no_crc']:.2f}x the trained "
-              "volumes per CPU-second")
     me, ch = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"peak RSS: this process {me:.0f} MiB; children: writer {size['rss_kb'] / 1024:.0f} MiB, largest child "
           f"{ch:.0f} MiB")

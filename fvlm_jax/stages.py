@@ -98,7 +98,7 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             records_dir(workdir), cfg.data.train_split, batch_size=local_batch, size_zyx=cfg.model.input_zyx,
             flip_prob=cfg.train.flip_prob, seed=cfg.seed, start_step=start_step,
             shuffle_buffer=cfg.data.shuffle_buffer, block_files=cfg.data.get("block_files", 8),
-            reconstructions=cfg.data.get("reconstructions", "all"), check_crc=cfg.data.get("check_crc", True),
+            reconstructions=cfg.data.get("reconstructions", "all"),
             process_index=jax.process_index(),
             process_count=jax.process_count())
 
@@ -134,8 +134,7 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         encoder = evaluate.image_encoder(model, mesh, cfg.sharding.rules)  # compiled once for both splits
         for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
             enc = evaluate.encode_images(encoder, tfdata.eval_batches(
-                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx,
-                check_crc=cfg.data.get("check_crc", True)),
+                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx),
                 ahead=cfg.data.prefetch_to_device, desc=f"encode {method} {split}")
             per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
         scores, targets = per_split[cfg.data.eval_split]

@@ -14,7 +14,6 @@ import os
 import struct
 from collections.abc import Iterator
 
-import crc32c
 import numpy as np
 import tensorflow as tf
 
@@ -198,44 +197,18 @@ def record_spans(path: str, indexed: dict | None = None) -> tuple[np.ndarray, np
     return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
-def masked_crc32c(data) -> int:
-    """The masked CRC-32C that TFRecord files store after each record's length and data."""
-    c = crc32c.crc32c(data)
-    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+def record_at(path, start):
+    """The one TFRecord that starts at byte `start` of the file `path`, as a dataset, read by TensorFlow.
 
-
-class _RangeReader:
-    """Reads records by byte range with os.pread (the GIL is released while the kernel copies), checking the
-    length and both CRCs of each record as TFRecordDataset does. Each read opens and closes its file: tf.py_function
-    keeps this object alive for the whole process, so descriptors held open would pile up (one per record file, per
-    stream), and an open costs nothing next to a multi-MiB read."""
-
-    def __init__(self, paths, check_crc: bool = True):
-        self.paths, self.check_crc = list(paths), check_crc
-
-    def __call__(self, i, offset, length):
-        path, offset, length = self.paths[int(i)], int(offset), int(length)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            head = os.pread(fd, 12, offset - 12)
-            data = os.pread(fd, length, offset)
-            tail = os.pread(fd, 4, offset + length)
-        finally:
-            os.close(fd)
-        if len(head) != 12 or len(data) != length or len(tail) != 4:
-            raise OSError(f"{path}: the record at byte {offset - 12} is cut short (read {len(data)} of its {length} "
-                          "bytes): the file was truncated or rewritten after the stream started")
-        n, head_crc = struct.unpack("<QI", head)
-        if n != length or masked_crc32c(head[:8]) != head_crc:
-            raise OSError(f"{path}: no valid record header at byte {offset - 12}: the file was rewritten after its "
-                          "record spans were found, or is corrupted")
-        if self.check_crc and masked_crc32c(data) != struct.unpack("<I", tail)[0]:
-            raise OSError(f"{path}: the record at byte {offset - 12} fails its CRC check: the file is corrupted "
-                          "(copy it again, or prepare again)")
-        # tf.py_function turns a 0-d object array holding the bytes into the string tensor with one copy; from the
-        # bytes themselves it made two (5.7 against 1.8 ms per 17 MiB record). tf.numpy_function with the same
-        # array page-faulted a fresh buffer for each record: 1.9x the whole stream's CPU time.
-        return np.array(data, dtype=object)
+    TFRecordDatasetV2 seeks to `start` and reads one record, checking its length and data CRCs, with no Python in
+    the stream. (A tf.py_function reader, pread plus the `crc32c` package's hardware CRC, was 1.2x cheaper in CPU
+    time, but a Python call in flight when the iterator is destroyed can deadlock the process.) Used inside
+    `flat_map`, where the op is traced into a function: serializing the dataset itself, as tf.data checkpointing
+    does, loses the op's byte_offsets input (TensorFlow 2.21), and this stream does not checkpoint iterators.
+    """
+    v = tf.raw_ops.TFRecordDatasetV2(filenames=path, compression_type="", buffer_size=tf.constant(0, tf.int64),
+                                     byte_offsets=tf.cast(start, tf.int64))
+    return tf.data.experimental.from_variant(v, tf.TensorSpec([], tf.string)).take(1)
 
 
 def split_spans(records_dir: str, split: str, files: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -260,7 +233,7 @@ def decodes_before_shuffle(spec) -> bool:
 def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, flip_prob: float, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 512, block_files: int = 8, process_index: int = 0,
                   process_count: int = 1, reconstructions: str = "all", decode: str = "auto",
-                  ranged_reads: bool = True, check_crc: bool = True) -> Iterator[dict]:
+                  ranged_reads: bool = True) -> Iterator[dict]:
     """Endless deterministic stream of process-local training batches, starting at global step `start_step`.
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
@@ -273,14 +246,12 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     (CT-RATE has about two per scan), chosen afresh each epoch by `reconstruction_choice` (the reference's "one
     sample = one scan with a random reconstruction").
 
-    ranged_reads (default): records are read by their byte ranges (`record_spans`, from the record index written at
-    preparation, or from the record headers where there is none), so the reconstructions an epoch leaves out are
-    not read at all. Each record's length is checked against its header and its data against its CRC-32C, as
-    TFRecordDataset does, but with the hardware CRC of the `crc32c` package (TensorFlow's own took 28 % of the
-    stream's CPU time in a profile); `check_crc=False` skips the data CRC. `ranged_reads=False` reads the files
-    with TFRecordDataset, every record, dropping the left-out reconstructions before decoding; files not on a
-    local (or FUSE-mounted) path are always read that way. The batches are the same either way
-    (bench/input_pipeline.py has the costs).
+    ranged_reads (default; only with "one_per_epoch"): the kept records are read by their byte ranges
+    (`record_spans`, from the record index written at preparation, or from the record headers where there is
+    none; `record_at`), so the reconstructions an epoch leaves out are not read at all. `ranged_reads=False` reads
+    every record with TFRecordDataset and drops the left-out ones before decoding; files not on a local (or
+    FUSE-mounted) path are always read that way. With "all", every record is read with TFRecordDataset. The
+    batches are the same either way, and every record's CRCs are checked either way.
 
     decode: where records are decoded relative to the shuffle buffer. "before_shuffle" decodes each record as it is
     read, while it is still in cache, so the buffer holds decoded volumes; "after_shuffle" keeps the buffer's
@@ -319,14 +290,13 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     counts = list(lengths)
     if table is not None:
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
-    ranged_reads = ranged_reads and local_paths(files)
+    ranged_reads = ranged_reads and table is not None and local_paths(files)
     if ranged_reads:
         spans = split_spans(records_dir, split, files)
         if [len(o) for o, _ in spans] != counts:
             raise ValueError(f"the record files of split {split!r} do not hold the records their metadata lists: "
                              "prepare again")
-        rec["offset"], rec["length"] = [o for o, _ in spans], [n for _, n in spans]
-        read_range = _RangeReader(files, check_crc)
+        rec["start"] = [o - 12 for o, _ in spans]  # where each record's header begins
     pad = max(counts)  # per-file columns as [file, position] tables
     rec = {key: tf.constant(np.stack([np.pad(c, (0, pad - len(c)), constant_values=1) for c in v]))
            for key, v in rec.items()}
@@ -347,20 +317,14 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
             return reconstruction_choice(rec["group"][i, pos], seed, epoch, rec["count"][i, pos]) == \
                 rec["index"][i, pos]
 
-        def read(i, pos):
-            data = tf.py_function(read_range, [i, rec["offset"][i, pos], rec["length"][i, pos]], tf.string)
-            return tf.ensure_shape(data, [])
-
         def one_file(i):
-            if not ranged_reads:
-                ds = tf.data.TFRecordDataset(names[i], buffer_size=0)
-                if table is None:
-                    return ds
-                return ds.enumerate().filter(lambda pos, _: kept(i, pos)).map(lambda _, r: r)
-            ds = tf.data.Dataset.range(per_file[i])
-            if table is not None:
-                ds = ds.filter(lambda pos: kept(i, pos))
-            return ds.map(lambda pos: read(i, pos))
+            if table is None:
+                return tf.data.TFRecordDataset(names[i], buffer_size=0)
+            if ranged_reads:
+                return tf.data.Dataset.range(per_file[i]).filter(lambda pos: kept(i, pos)).flat_map(
+                    lambda pos: record_at(names[i], rec["start"][i, pos]))
+            return tf.data.TFRecordDataset(names[i], buffer_size=0).enumerate().filter(
+                lambda pos, _: kept(i, pos)).map(lambda _, r: r)
         ds = tf.data.Dataset.from_tensor_slices(idx).interleave(one_file, cycle_length=block_files, block_length=1)
         # The shuffle reorders elements whatever they hold, so decoding before or after it gives the same stream.
         # The crop stays after it (seeded by the example counter).
@@ -391,12 +355,10 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     return ds.as_numpy_iterator()
 
 
-def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, ranged_reads: bool = True,
-                 check_crc: bool = True) -> Iterator[dict]:
+def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> Iterator[dict]:
     """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
 
-    Records are read in file order, by byte range as in `train_batches` (`ranged_reads=False`, or files on a URL:
-    TFRecordDataset). Yields numpy dicts with image, labels, targets [B, C], id and mask.
+    Yields numpy dicts with image, labels, targets [B, C], id and mask.
     """
     spec = records.load_builder(records_dir).info.features
     size_zyx = [int(s) for s in size_zyx]
@@ -409,16 +371,7 @@ def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, ran
         return {"image": center_crop(ex["image"], size_zyx), "labels": labels,
                 "targets": ex["targets"], "id": ex["id"]}
 
-    files = records.split_files(records_dir, split)
-    if ranged_reads and local_paths(files):
-        spans = split_spans(records_dir, split, files)
-        read_range = _RangeReader(files, check_crc)
-        which = np.concatenate([np.full(len(o), i, np.int64) for i, (o, _) in enumerate(spans)])
-        ds = tf.data.Dataset.from_tensor_slices((which, *(np.concatenate(c) for c in zip(*spans)))).map(
-            lambda i, o, n: tf.ensure_shape(tf.py_function(read_range, [i, o, n], tf.string), []))
-    else:
-        ds = tf.data.TFRecordDataset(files)
-    ds = ds.map(decode, num_parallel_calls=4)
+    ds = tf.data.TFRecordDataset(records.split_files(records_dir, split)).map(decode, num_parallel_calls=4)
     for batch in ds.batch(batch_size).as_numpy_iterator():
         n = len(batch["id"])
         batch["mask"] = np.arange(batch_size) < n

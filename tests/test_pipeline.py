@@ -194,11 +194,6 @@ def test_pack_unpack_round_trip_and_factor():
 
 def test_eval_batches_pad_last_batch(prepared_demo):
     batches = list(tfdata.eval_batches(str(prepared_demo / "records"), "valid", batch_size=5, size_zyx=(32, 48, 64)))
-    # Read by byte range (the default) or by TFRecordDataset: the same batches.
-    for x, y in zip(batches, tfdata.eval_batches(str(prepared_demo / "records"), "valid", batch_size=5,
-                                                 size_zyx=(32, 48, 64), ranged_reads=False), strict=True):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
     assert [int(b["mask"].sum()) for b in batches] == [5, 5, 2]
     assert all(b["image"].shape == (5, 32, 48, 64) for b in batches)
     ids = [i for b in batches for i, m in zip(b["id"], b["mask"]) if m]

@@ -87,7 +87,7 @@ def test_stream_takes_one_reconstruction_per_scan_each_epoch_and_resumes(multi_r
                 np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_records, tmp_path, monkeypatch):
+def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_records, tmp_path):
     rdir, _, _ = multi_recon_records
     files = records.split_files(str(rdir), "train")
     for path in files:  # the spans are exactly the records' bytes
@@ -95,11 +95,7 @@ def test_ranged_reads_give_the_stream_of_reading_every_record(multi_recon_record
         raw = Path(path).read_bytes()
         assert [raw[o:o + n] for o, n in zip(offsets, lengths)] == list(
             tf.data.TFRecordDataset(path).as_numpy_iterator())
-    preads = []
-    pread = tfdata.os.pread
-    monkeypatch.setattr(tfdata.os, "pread", lambda fd, n, off: preads.append(off) or pread(fd, n, off))
     ranged = _stream(rdir, 12)
-    assert len(preads) >= 36  # the 36 examples were read by range (and those read ahead)
     dropped = _stream(rdir, 12, ranged_reads=False)
     for x, y in zip(ranged, dropped):
         for k in x:
@@ -137,8 +133,6 @@ def test_record_index_gives_the_spans_and_reads_are_checked(multi_recon_records,
             for a, b in zip(scanned, tfdata.record_spans(path, stale)):  # a stale entry: the headers are read
                 np.testing.assert_array_equal(a, b)
         assert "does not match" in caplog.text
-    raw = Path(files[0]).read_bytes()
-    assert tfdata.masked_crc32c(raw[:8]) == int.from_bytes(raw[8:12], "little")
 
     # The stream takes the spans from the index: swapped lengths (same file size) put reads off the records.
     wrong = _copy_records(rdir, tmp_path / "wrong_index")
@@ -147,7 +141,7 @@ def test_record_index_gives_the_spans_and_reads_are_checked(multi_recon_records,
         n = entry["record_bytes"]
         n[0], n[1] = n[1] + 8, n[0] - 8
     (wrong / Path(records.record_index_path(str(wrong), "train")).name).write_text(json.dumps(bad_index))
-    with pytest.raises(Exception, match="no valid record header"):
+    with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
         _stream(wrong, 12)
 
     # Without an index the spans come from the headers, and the stream is the same.
@@ -165,8 +159,56 @@ def test_record_index_gives_the_spans_and_reads_are_checked(multi_recon_records,
         for o, n in zip(offsets, lengths):
             data[o + n // 2] ^= 0x01
         Path(path).write_bytes(bytes(data))
-    with pytest.raises(Exception, match="fails its CRC check"):
+    with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
         _stream(flipped, 12)
+
+
+def _corrupt(path, positions):
+    """Flips a byte in the data of the records at `positions` of the record file `path`."""
+    offsets, lengths = tfdata.record_spans(path)
+    data = bytearray(Path(path).read_bytes())
+    for p in positions:
+        data[offsets[p] + lengths[p] // 2] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+
+
+def test_left_out_reconstructions_are_not_read(multi_recon_records, tmp_path):
+    """Records no epoch keeps (their index set past their count) are corrupted: ranged reads never touch them, while
+    TFRecordDataset, which reads every record, fails on them."""
+    rdir, _, table = multi_recon_records
+    out = _copy_records(rdir, tmp_path / "never_kept")
+    never = [j for j in range(len(table["index"])) if table["count"][j] > 1 and table["index"][j] == 0]
+    assert len(never) == 6
+    changed = dict(table, index=[99 if j in never else v for j, v in enumerate(table["index"])])
+    (out / records.RECONSTRUCTIONS_FILE).write_text(json.dumps({"train": changed}))
+    files = records.split_files(str(out), "train")
+    for f, rows in zip(files, records.shard_rows(len(table["index"]), len(files))):
+        _corrupt(f, [pos for pos, j in enumerate(rows) if j in never])
+    order = [int(r) for b in _stream(out, 8) for r in b["report_tokens"][:, 0]]
+    assert not set(order) & set(never)
+    with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
+        _stream(out, 8, ranged_reads=False)
+
+
+def _stream_ops(rdir, **kw) -> set[str]:
+    """The op types in the graph of the training stream's dataset, its functions included."""
+    from tensorflow.core.framework import graph_pb2
+    it = tfdata.train_batches(str(rdir), "train", batch_size=3, size_zyx=SIZE, flip_prob=0.5, seed=4,
+                              shuffle_buffer=4, block_files=2, **kw)
+    graph = graph_pb2.GraphDef.FromString(it._iterator._dataset._as_serialized_graph().numpy())
+    return {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+
+
+def test_no_python_in_the_training_stream(multi_recon_records):
+    """A Python op (tf.py_function / numpy_function) with a call in flight when the endless stream's iterator is
+    destroyed can deadlock the process; the training stream has none, whatever it reads."""
+    rdir, _, _ = multi_recon_records
+    for kw in ({}, {"reconstructions": "one_per_epoch"}, {"reconstructions": "one_per_epoch", "ranged_reads": False},
+               {"decode": "after_shuffle"}):
+        ops = _stream_ops(rdir, **kw)
+        assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}, kw
+        assert ("TFRecordDatasetV2" in ops) == (kw.get("reconstructions") == "one_per_epoch" and
+                                                kw.get("ranged_reads", True)), kw
 
 
 def test_all_reconstructions_by_default(multi_recon_records):
