@@ -218,7 +218,7 @@ def split_spans(records_dir: str, split: str, files: list[str]) -> list[tuple[np
 
 
 def local_paths(files) -> bool:
-    """Whether the files can be read by byte range (os.pread): paths, not URLs such as gs://."""
+    """Whether the files' record spans can be found with plain file I/O: paths, not URLs such as gs://."""
     return not any("://" in f for f in files)
 
 

@@ -163,6 +163,28 @@ def test_record_index_gives_the_spans_and_reads_are_checked(multi_recon_records,
         _stream(flipped, 12)
 
 
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io read counters")
+def test_record_at_reads_only_its_record(tmp_path):
+    """record_at seeks to the record: reading the last of 8 records of 1 MiB reads about 1 MiB, not the file."""
+    path = str(tmp_path / "big.tfrecord")
+    rng = np.random.default_rng(0)
+    payloads = [rng.integers(0, 255, 2**20, dtype=np.uint8).tobytes() for _ in range(8)]
+    with tf.io.TFRecordWriter(path) as w:
+        for p in payloads:
+            w.write(p)
+    offsets, _ = tfdata.record_spans(path)
+
+    def rchar():
+        return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
+
+    ds = tf.data.Dataset.from_tensors(tf.constant(int(offsets[-1]) - 12, tf.int64)).flat_map(
+        lambda start: tfdata.record_at(path, start))
+    it = iter(ds)
+    before = rchar()
+    assert next(it).numpy() == payloads[-1]
+    assert rchar() - before < 1.5 * 2**20
+
+
 def _corrupt(path, positions):
     """Flips a byte in the data of the records at `positions` of the record file `path`."""
     offsets, lengths = tfdata.record_spans(path)
