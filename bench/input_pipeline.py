@@ -40,10 +40,10 @@ STORED_ZYX = (120, 272, 368)
 BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
 PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_none_decode_after",
-             "ours_none_one_per_epoch", "ours_none_one_per_epoch_tfrecord", "ours_zlib", "ours_zlib_decode_first",
-             "naive")
+             "ours_none_one_per_epoch", "ours_none_one_per_epoch_tfrecord", "ours_none_parallel_reads",
+             "ours_zlib", "ours_zlib_decode_first", "naive")
 DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
-READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_tfrecord", *DECODE)
+READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_tfrecord", "_parallel_reads", *DECODE)
 
 
 def records_of(method: str) -> str:
@@ -111,14 +111,15 @@ def write_naive(folder, k, rng):
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Apply tf.data threading options (private pool of 1) to the dataset `train_batches` builds, unmodified."""
+def tf_threads(n: int):
+    """Apply tf.data threading options (a private pool of n threads) to the dataset `train_batches` builds,
+    unmodified."""
     import tensorflow as tf
     original = tf.data.Dataset.as_numpy_iterator
 
     def patched(self):
         opts = tf.data.Options()
-        opts.threading.private_threadpool_size = 1
+        opts.threading.private_threadpool_size = n
         opts.threading.max_intra_op_parallelism = 1
         return original(self.with_options(opts))
 
@@ -162,7 +163,7 @@ def naive_batches(path, seed):
     return ds.batch(BATCH, drop_remainder=True).prefetch(2).as_numpy_iterator()
 
 
-def worker(method, folder, volumes, warmup):
+def worker(method, folder, volumes, warmup, threads=1):
     import tensorflow as tf  # noqa: F401  (import outside the timed region)
 
     from input_pipeline import tfdata
@@ -172,13 +173,14 @@ def worker(method, folder, volumes, warmup):
 
         from fvlm_jax import augment
         finish = jax.jit(lambda b: augment.finish_on_device(b, SIZE_ZYX[2]))
-    with one_thread():
+    with tf_threads(threads):
         if method.startswith("ours"):
             decode = next((d for suffix, d in DECODE.items() if method.endswith(suffix)), "auto")
             it = tfdata.train_batches(os.path.join(folder, records_of(method)), "train", batch_size=BATCH,
                                       size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0, decode=decode,
                                       reconstructions="one_per_epoch" if "_one_per_epoch" in method else "all",
-                                      ranged_reads=not method.endswith("_tfrecord"))
+                                      ranged_reads=not method.endswith("_tfrecord"),
+                                      parallel_reads=4 if method.endswith("_parallel_reads") else 1)
         else:
             it = naive_batches(os.path.join(folder, "naive.tfrecord"), seed=0)
 
@@ -212,6 +214,8 @@ def main():
                     help="comma-separated subset to time (default: all); the ratio line needs ours_none, "
                          "ours_none_glibc_default, ours_zlib and naive; a decode-order line a pipeline and its "
                          "_decode_after / _decode_first variant")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="tf.data private thread pool size (1: the per-core figure; more: what parallel reads gain)")
     ap.add_argument("--worker", choices=(*PIPELINES, "write"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,7 +226,7 @@ def main():
         print(json.dumps({**size, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
         return
     if args.worker:
-        worker(args.worker, args.dir, args.volumes, args.warmup)
+        worker(args.worker, args.dir, args.volumes, args.warmup, args.threads)
         return
     pipelines = list(dict.fromkeys(args.pipelines.split(",")))
     if unknown := set(pipelines) - set(PIPELINES):
@@ -237,14 +241,15 @@ def main():
         size = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"wrote {args.k} examples of {SIZE_ZYX} per pipeline in {time.perf_counter() - t0:.1f} s "
               f"({len(glob.glob(os.path.join(tmp, '*tfrecord*')))} record files); cores available "
-              f"{len(os.sched_getaffinity(0))}; tf.data private thread pool 1, batch {BATCH}, flip 0.2, "
+              f"{len(os.sched_getaffinity(0))}; tf.data private thread pool {args.threads}, batch {BATCH}, flip 0.2, "
               f"{args.volumes} volumes timed after {args.warmup} warm-up batches, {args.rounds} rounds (medians below)")
         runs = {m: [] for m in pipelines}
         for _ in range(args.rounds):
             for method in pipelines:
                 env = dict(os.environ, FVLM_TUNE_MALLOC="0" if method.endswith("glibc_default") else "1")
                 out = subprocess.run([sys.executable, __file__, "--worker", method, "--dir", tmp,
-                                      "--volumes", str(args.volumes), "--warmup", str(args.warmup)],
+                                      "--volumes", str(args.volumes), "--warmup", str(args.warmup),
+                                      "--threads", str(args.threads)],
                                      check=True, capture_output=True, text=True, env=env)
                 runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -262,6 +267,7 @@ def main():
              "ours_none_decode_after": "  same, decoded after the shuffle",
              "ours_none_one_per_epoch": "  same, one of 2 reconstructions",
              "ours_none_one_per_epoch_tfrecord": "    TFRecordDataset, other dropped",
+             "ours_none_parallel_reads": "  same, 4 files read at once",
              "ours_zlib_decode_first": "  same, decoded before the shuffle",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
@@ -284,6 +290,11 @@ def main():
             print(f"{what} (the default) / the other order: {per_cpu[default] / per_cpu[other]:.2f}x the volumes per "
                   f"CPU-second, peak RSS {res[default]['rss_kb'] / 1024:.0f} against "
                   f"{res[other]['rss_kb'] / 1024:.0f} MiB (the buffer holds up to min(K, shuffle buffer) records)")
+    if {"ours_none", "ours_none_parallel_reads"} <= set(per_cpu):
+        par, one = res["ours_none_parallel_reads"], res["ours_none"]
+        print(f"4 files read at once / one: {(par['n'] / par['wall']) / (one['n'] / one['wall']):.2f}x the volumes "
+              f"per second, {per_cpu['ours_none_parallel_reads'] / per_cpu['ours_none']:.2f}x per CPU-second, peak "
+              f"RSS {par['rss_kb'] / 1024:.0f} against {one['rss_kb'] / 1024:.0f} MiB")
     for m, how in (("ours_none_one_per_epoch", "the other not read: ranged reads"),
                    ("ours_none_one_per_epoch_tfrecord", "every record read by TFRecordDataset, the other dropped")):
         if {"ours_none", m} <= set(per_cpu):

@@ -98,7 +98,7 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             records_dir(workdir), cfg.data.train_split, batch_size=local_batch, size_zyx=cfg.model.input_zyx,
             flip_prob=cfg.train.flip_prob, seed=cfg.seed, start_step=start_step,
             shuffle_buffer=cfg.data.shuffle_buffer, block_files=cfg.data.get("block_files", 8),
-            reconstructions=cfg.data.get("reconstructions", "all"),
+            reconstructions=cfg.data.get("reconstructions", "all"), parallel_reads=cfg.data.get("parallel_reads", 1),
             process_index=jax.process_index(),
             process_count=jax.process_count())
 

@@ -212,6 +212,21 @@ def test_left_out_reconstructions_are_not_read(multi_recon_records, tmp_path):
         _stream(out, 8, ranged_reads=False)
 
 
+def test_parallel_reads_give_the_same_stream(multi_recon_records):
+    rdir, _, _ = multi_recon_records
+    for mode in ("all", "one_per_epoch"):
+        one = _stream(rdir, 8, reconstructions=mode)
+        for par in (2, -1):
+            for x, y in zip(one, _stream(rdir, 8, reconstructions=mode, parallel_reads=par), strict=True):
+                for k in x:
+                    np.testing.assert_array_equal(x[k], y[k])
+        for x, y in zip(one[5:], _stream(rdir, 3, reconstructions=mode, parallel_reads=2, start_step=5), strict=True):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(ValueError, match="parallel_reads"):
+        _stream(rdir, 1, parallel_reads=0)
+
+
 def _stream_ops(rdir, **kw) -> set[str]:
     """The op types in the graph of the training stream's dataset, its functions included."""
     from tensorflow.core.framework import graph_pb2
