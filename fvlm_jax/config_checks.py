@@ -53,8 +53,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
     if cfg.data.get("reconstructions", "all") not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")
-    if cfg.data.get("parallel_reads", 1) != -1 and cfg.data.get("parallel_reads", 1) < 1:
-        errors.append(f"data.parallel_reads={cfg.data.parallel_reads}: a count >= 1, or -1 for tf.data's AUTOTUNE")
+    if (reads := cfg.data.get("parallel_reads", 1)) != -1 and reads < 1:
+        errors.append(f"data.parallel_reads={reads}: a count >= 1, or -1 for tf.data's AUTOTUNE")
     if cfg.data.get("block_files", 8) < 1 or cfg.data.shuffle_buffer < 1:
         errors.append("data.block_files and data.shuffle_buffer must be >= 1")
     if cfg.data.get("runner", "local") not in ("local", "beam"):

@@ -52,13 +52,13 @@ def shard_path(records_dir: str, split: str, shard: int, num_shards: int) -> str
 
 
 class ShardedWriter:
-    """Round-robin writer over `num_shards` files of one split; records shard lengths for the metadata."""
+    """Round-robin writer over `num_shards` files of one split; records each file's record lengths for the metadata
+    and the record index."""
 
     def __init__(self, records_dir: str, split: str, num_shards: int, feature_spec):
         self.split, self.spec = split, feature_spec
         self.paths = [shard_path(records_dir, split, i, num_shards) for i in range(num_shards)]
         self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
-        self.lengths = [0] * num_shards
         self.record_bytes: list[list[int]] = [[] for _ in range(num_shards)]
         self.count = 0
 
@@ -66,18 +66,18 @@ class ShardedWriter:
         i = self.count % len(self.writers)
         data = self.spec.serialize_example(example)
         self.writers[i].write(data)
-        self.lengths[i] += 1
         self.record_bytes[i].append(len(data))
         self.count += 1
 
     def close(self) -> tfds.core.SplitInfo:
         for w in self.writers:
             w.close()
+        sizes = [os.path.getsize(p) for p in self.paths]
         write_record_index(os.path.dirname(self.paths[0]), self.split, {
-            os.path.basename(p): {"bytes": os.path.getsize(p), "record_bytes": n}
-            for p, n in zip(self.paths, self.record_bytes)})
-        num_bytes = sum(os.path.getsize(p) for p in self.paths)
-        return tfds.core.SplitInfo(name=self.split, shard_lengths=self.lengths, num_bytes=num_bytes,
+            os.path.basename(p): {"bytes": size, "record_bytes": n}
+            for p, size, n in zip(self.paths, sizes, self.record_bytes)})
+        return tfds.core.SplitInfo(name=self.split, shard_lengths=[len(n) for n in self.record_bytes],
+                                   num_bytes=sum(sizes),
                                    filename_template=file_template(os.path.dirname(self.paths[0]), self.split))
 
 

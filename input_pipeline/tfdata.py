@@ -211,17 +211,6 @@ def record_at(path, start):
     return tf.data.experimental.from_variant(v, tf.TensorSpec([], tf.string)).take(1)
 
 
-def split_spans(records_dir: str, split: str, files: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`record_spans` of each of a split's record `files`, from the split's record index where there is one."""
-    index = records.load_record_index(records_dir, split) or {}
-    return [record_spans(f, index.get(os.path.basename(f))) for f in files]
-
-
-def local_paths(files) -> bool:
-    """Whether the files' record spans can be found with plain file I/O: paths, not URLs such as gs://."""
-    return not any("://" in f for f in files)
-
-
 def decodes_before_shuffle(spec) -> bool:
     """Whether `train_batches(decode="auto")` decodes records before its shuffle buffer: yes when the volumes are
     stored raw (a decoded record is as large as the stored one, and decoding it while it is still in cache is 11-12 %
@@ -297,9 +286,11 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     counts = list(lengths)
     if table is not None:
         lengths = lambda epoch: kept_per_file(table, rows, seed, epoch)  # noqa: E731
-    ranged_reads = ranged_reads and table is not None and local_paths(files)
+    # Ranged reads need the spans from plain file I/O: paths, not URLs such as gs://.
+    ranged_reads = ranged_reads and table is not None and not any("://" in f for f in files)
     if ranged_reads:
-        spans = split_spans(records_dir, split, files)
+        index = records.load_record_index(records_dir, split) or {}
+        spans = [record_spans(f, index.get(os.path.basename(f))) for f in files]
         if [len(o) for o, _ in spans] != counts:
             raise ValueError(f"the record files of split {split!r} do not hold the records their metadata lists: "
                              "prepare again")
