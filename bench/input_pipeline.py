@@ -41,9 +41,9 @@ BATCH = 2
 HU_WINDOW = (-1150.0, 350.0)
 PIPELINES = ("ours_none", "ours_none_cpu_finish", "ours_none_glibc_default", "ours_none_decode_after",
              "ours_none_one_per_epoch", "ours_none_one_per_epoch_tfrecord", "ours_none_parallel_reads",
-             "ours_zlib", "ours_zlib_decode_first", "naive")
+             "ours_zlib", "ours_zlib_decode_first", "ours_none_eval", "naive")
 DECODE = {"_decode_first": "before_shuffle", "_decode_after": "after_shuffle"}  # name suffix: train_batches(decode=)
-READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_tfrecord", "_parallel_reads", *DECODE)
+READ_VARIANTS = ("_glibc_default", "_cpu_finish", "_one_per_epoch", "_tfrecord", "_parallel_reads", "_eval", *DECODE)
 
 
 def records_of(method: str) -> str:
@@ -174,7 +174,13 @@ def worker(method, folder, volumes, warmup, threads=1):
         from fvlm_jax import augment
         finish = jax.jit(lambda b: augment.finish_on_device(b, SIZE_ZYX[2]))
     with tf_threads(threads):
-        if method.startswith("ours"):
+        if method.endswith("_eval"):  # the evaluation stream: centre crop, labels unpacked; pass after pass
+            def passes():
+                while True:
+                    yield from tfdata.eval_batches(os.path.join(folder, records_of(method)), "train",
+                                                   batch_size=BATCH, size_zyx=SIZE_ZYX)
+            it = passes()
+        elif method.startswith("ours"):
             decode = next((d for suffix, d in DECODE.items() if method.endswith(suffix)), "auto")
             it = tfdata.train_batches(os.path.join(folder, records_of(method)), "train", batch_size=BATCH,
                                       size_zyx=SIZE_ZYX, flip_prob=0.2, seed=0, decode=decode,
@@ -269,6 +275,7 @@ def main():
              "ours_none_one_per_epoch_tfrecord": "    TFRecordDataset, other dropped",
              "ours_none_parallel_reads": "  same, 4 files read at once",
              "ours_zlib_decode_first": "  same, decoded before the shuffle",
+             "ours_none_eval": "  eval stream (centre crop)",
              "naive": "naive (raw int16, float32 out)"}
     for m, r in res.items():
         print(f"{names[m]:<34}{r['n'] / r['wall']:>8.1f}{r['n'] / r['cpu']:>11.1f}{r['cpu'] / r['wall']:>11.2f}"

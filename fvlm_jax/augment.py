@@ -62,6 +62,16 @@ def factor_from_shapes(packed_w: int, width: int) -> int:
     raise ValueError(f"{packed_w} packed bytes fit no packing of {width} voxels")
 
 
+def unpack_window(packed, width: int, shift):
+    """Packed labels uint8 [B, Z, Y, W] -> uint8 [B, Z, Y, width]: voxels shift[b] .. shift[b] + width - 1 of
+    each row of sample b (jit-able; evaluation's device half of `input_pipeline.tfdata.center_window`)."""
+    import jax
+
+    k = factor_from_shapes(packed.shape[-1], width)
+    full = unpack_labels(packed, k, packed.shape[-1] * k)
+    return jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, width, axis=-1))(full, shift)
+
+
 def finish_on_device(batch: dict, width: int) -> dict:
     """The device half of the training augmentation (jit-able, pure): unpack, align and flip.
 

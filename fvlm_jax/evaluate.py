@@ -20,14 +20,16 @@ from jax.sharding import PartitionSpec as P
 from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
-from fvlm_jax import sharding
+from fvlm_jax import augment, sharding
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.prefetch import prefetch
 
 
 class ImageEncoder:
     """Embeds CT volumes with a model's image tower: call it with host arrays (image uint8 [B, Z, Y, X], labels
-    [B, Z, Y, X]) to get device arrays (emb [B, A, E], present [B, A], intact [B, A]).
+    [B, Z, Y, X]) to get device arrays (emb [B, A, E], present [B, A], intact [B, A]). With `label_shift` [B] the
+    labels are the packed window of `input_pipeline.tfdata.center_window` (uint8 [B, Z, Y, W]), unpacked on the
+    device (`augment.unpack_window`): half the bytes to copy, and no unpacking on the host.
 
     The call is two parts that can run in different threads: `put` copies a batch to the devices, `encode` runs the
     jitted encoder on the copy (asynchronously, as JAX dispatches). With a mesh (and the sharding rules), the batch
@@ -39,7 +41,9 @@ class ImageEncoder:
         graphdef, self._state = nnx.split(model)
         rules = rules or sharding.DEFAULT_RULES
 
-        def encode(state, image, labels):
+        def encode(state, image, labels, label_shift):
+            if label_shift is not None:
+                labels = augment.unpack_window(labels, image.shape[-1], label_shift)
             with sharding.axis_rules(rules):
                 return nnx.merge(graphdef, state).encode_image(image.astype(jnp.float32) / 255.0, labels)
 
@@ -51,21 +55,23 @@ class ImageEncoder:
         self._spec = sharding.logical_to_spec(("batch",), rules)
         self._shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(self._spec))]))
 
-    def put(self, image: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    def put(self, image: np.ndarray, labels: np.ndarray, label_shift: np.ndarray | None = None) -> tuple:
+        """(image, labels, label_shift) on the devices (label_shift stays None for unpacked labels)."""
+        arrays = (image, labels, label_shift)
         if self.mesh is None:
-            return jax.device_put(image), jax.device_put(labels)
+            return jax.device_put(arrays)
         # A batch that does not split evenly over the batch shards (a short last batch) is replicated instead.
         put = NamedSharding(self.mesh, self._spec if image.shape[0] % self._shards == 0 else P())
-        return jax.device_put(image, put), jax.device_put(labels, put)
+        return jax.device_put(arrays, put)
 
-    def encode(self, image: jax.Array, labels: jax.Array):
+    def encode(self, image: jax.Array, labels: jax.Array, label_shift: jax.Array | None = None):
         if self.mesh is None:
-            return self._enc(self._state, image, labels)
+            return self._enc(self._state, image, labels, label_shift)
         with jax.set_mesh(self.mesh):
-            return self._enc(self._state, image, labels)
+            return self._enc(self._state, image, labels, label_shift)
 
-    def __call__(self, image, labels):
-        return self.encode(*self.put(image, labels))
+    def __call__(self, image, labels, label_shift=None):
+        return self.encode(*self.put(image, labels, label_shift))
 
 
 def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None) -> ImageEncoder:
@@ -87,7 +93,8 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
     def stage(b: dict):
         keep = np.asarray(b["mask"], bool)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(b["id"])[keep]]
-        return enc.put(b["image"], b["labels"]), keep, np.asarray(b["targets"])[keep], ids
+        arrays = (b["image"], b["labels_packed"], b["label_shift"]) if "label_shift" in b else (b["image"], b["labels"])
+        return enc.put(*arrays), keep, np.asarray(b["targets"])[keep], ids
 
     staged = prefetch(batches, stage, ahead) if ahead > 0 else (stage(b) for b in batches)
     embs, targets, ids = [], [], []
@@ -99,8 +106,8 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
 
     pending = None  # (embeddings dispatched but not yet read back, keep)
     try:
-        for (image, labels), keep, t, i in staged:
-            emb = enc.encode(image, labels)[0]
+        for arrays, keep, t, i in staged:
+            emb = enc.encode(*arrays)[0]
             if pending is not None:
                 collect(*pending)
             pending = (emb, keep)

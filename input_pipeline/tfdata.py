@@ -2,7 +2,8 @@
 
 Volumes stay uint8 all the way to the device, where the model maps them to [0, 1]. Training batches carry the
 anatomy labels still bit-packed, plus the flips to apply: the train step finishes the augmentation on the device
-(`fvlm_jax.augment.finish_on_device`). Evaluation batches carry unpacked, centre-cropped labels.
+(`fvlm_jax.augment.finish_on_device`). Evaluation batches are centre-cropped, their labels packed too
+(`fvlm_jax.augment.unpack_window` unpacks them on the device).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from fvlm_jax import augment
-from input_pipeline import preprocess, records
+from input_pipeline import records
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,32 @@ def random_crop(image, labels_packed, size_zyx, k: int, flip_prob: float, seed):
             offset[2] % k, flip)
 
 
-def center_crop(x, size_zyx):
-    """preprocess.fit_to_size inside the graph: the exact crop the exported model applies to new scans."""
-    out = tf.numpy_function(lambda v: preprocess.fit_to_size(v, size_zyx), [x], x.dtype, stateful=False)
-    return tf.ensure_shape(out, size_zyx)
+def center_window(image, labels_packed, k: int, size_zyx):
+    """The evaluation crop, host half: `preprocess.fit_to_size` of the image (zero-pad to at least `size_zyx`,
+    the extra voxel after, then the central block; the crop export applies to new scans) and the packed labels'
+    whole bytes covering the same window, in TF ops (no Python op in the stream).
 
-
-def center_crop_packed(labels_packed, width, k: int, size_zyx):
-    """Unpack (`fvlm_jax.augment`) the labels of a row width of `width` voxels, then `center_crop` them."""
-    out = tf.numpy_function(lambda p, w: preprocess.fit_to_size(augment.unpack_labels(p, k, int(w)), size_zyx),
-                            [labels_packed, width], tf.uint8, stateful=False)
-    return tf.ensure_shape(out, size_zyx)
+    Returns (image [Z, Y, X], labels_packed [Z, Y, W], label_shift): `fvlm_jax.augment.unpack_window` on the
+    device gives labels equal to `fit_to_size` of the unpacked labels.
+    """
+    size = tf.constant([int(s) for s in size_zyx], tf.int32)
+    shape = tf.shape(image, out_type=tf.int32)
+    pad = tf.maximum(size - shape, 0)
+    before = pad // 2
+    start = tf.where(pad > 0, -before, (shape - size) // 2)  # the window's first voxel, in the volume's coordinates
+    src, n = tf.maximum(start, 0), tf.minimum(shape, size)
+    image = tf.pad(tf.slice(image, src, n), tf.stack([before, pad - before], axis=1))
+    # Labels: rows cut and padded like the image's; along x, whole zero bytes in front, then the bytes of the window.
+    lead = (tf.maximum(-start[2], 0) + k - 1) // k
+    x0 = start[2] + lead * k  # the window's first voxel in the padded packed row (>= 0)
+    width = (int(size_zyx[2]) - 1) // k + 2
+    labels_packed = labels_packed[src[0]:src[0] + n[0], src[1]:src[1] + n[1]]
+    behind = tf.maximum(x0 // k + width - lead - tf.shape(labels_packed, out_type=tf.int32)[2], 0)
+    labels_packed = tf.pad(labels_packed, [[before[0], pad[0] - before[0]], [before[1], pad[1] - before[1]],
+                                           [lead, behind]])
+    labels_packed = labels_packed[:, :, x0 // k:x0 // k + width]
+    zyx = [int(s) for s in size_zyx]
+    return tf.ensure_shape(image, zyx), tf.ensure_shape(labels_packed, [zyx[0], zyx[1], width]), x0 % k
 
 
 def label_packing(spec) -> int:
@@ -355,24 +371,30 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     return ds.as_numpy_iterator()
 
 
-def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> Iterator[dict]:
-    """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
-
-    Yields numpy dicts with image, labels, targets [B, C], id and mask.
-    """
+def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> tf.data.Dataset:
+    """The batches of `eval_batches` as a tf.data.Dataset (all TF ops: nothing to hang on at teardown)."""
     spec = records.load_builder(records_dir).info.features
     size_zyx = [int(s) for s in size_zyx]
-
     k = label_packing(spec)
 
     def decode(serialized):
         ex = spec.deserialize_example(serialized)
-        labels = center_crop_packed(ex["labels_packed"], tf.shape(ex["image"])[2], k, size_zyx)
-        return {"image": center_crop(ex["image"], size_zyx), "labels": labels,
+        image, labels_packed, shift = center_window(ex["image"], ex["labels_packed"], k, size_zyx)
+        return {"image": image, "labels_packed": labels_packed, "label_shift": shift,
                 "targets": ex["targets"], "id": ex["id"]}
 
     ds = tf.data.TFRecordDataset(records.split_files(records_dir, split)).map(decode, num_parallel_calls=4)
-    for batch in ds.batch(batch_size).as_numpy_iterator():
+    return ds.batch(batch_size)
+
+
+def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> Iterator[dict]:
+    """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
+
+    Yields numpy dicts with image uint8 [B, Z, Y, X], labels_packed uint8 [B, Z, Y, W] and label_shift [B] (see
+    `center_window`; `fvlm_jax.evaluate.encode_images` takes them as they are), targets [B, C], id and mask.
+    """
+    ds = eval_dataset(records_dir, split, batch_size=batch_size, size_zyx=size_zyx)
+    for batch in ds.as_numpy_iterator():
         n = len(batch["id"])
         batch["mask"] = np.arange(batch_size) < n
         if n < batch_size:

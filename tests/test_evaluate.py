@@ -96,6 +96,21 @@ def test_pipelined_encoding_equals_one_batch_at_a_time():
         np.testing.assert_array_equal(got["emb"], want)
         np.testing.assert_array_equal(got["targets"], np.concatenate([b["targets"][b["mask"]] for b in batches]))
         assert got["ids"] == ["0-0", "0-1", "0-2", "0-3", "1-0", "1-1", "1-2", "1-3", "2-0", "2-1"]
+    # The eval stream's form: labels packed (k voxels per byte), each sample's window shifted into its first byte.
+    from fvlm_jax import augment
+    rng = np.random.default_rng(0)
+    packed_batches = []
+    for b in batches:
+        labels = np.asarray(b["labels"])
+        k, x = augment.packing_factor(int(labels.max())), labels.shape[-1]
+        shift = rng.integers(0, k, len(labels))
+        rows = [np.concatenate([rng.integers(0, 2, (*lab.shape[:-1], s), np.uint8), lab], -1)
+                for lab, s in zip(labels, shift)]  # s junk voxels before the window
+        packed = np.stack([augment.pack_labels(r, k)[..., :augment.packed_width(x, k)] for r in rows])
+        packed_batches.append({**{key: v for key, v in b.items() if key != "labels"}, "labels_packed": packed,
+                               "label_shift": shift})
+    assert any(b["label_shift"].any() for b in packed_batches)
+    np.testing.assert_array_equal(evaluate.encode_images(model, iter(packed_batches))["emb"], want)
 
 
 def test_encoding_raises_the_sources_error_and_stops_its_thread():

@@ -5,10 +5,11 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fvlm_jax import augment
-from input_pipeline import tfdata
+from input_pipeline import preprocess, tfdata
 
 
 def test_records_read_through_tfds(prepared_demo):
@@ -51,7 +52,6 @@ def test_train_batches_deterministic_and_resumable(prepared_demo):
 def _zlib_copy(src, dst):
     """The train split of prepared records `src` written again, record by record into files of the same names, with
     zlib-compressed volumes."""
-    import tensorflow as tf
 
     from input_pipeline import records
     info = records.load_builder(str(src)).info
@@ -123,7 +123,6 @@ def test_epochs_visit_every_example_once_and_resume_across_epochs(prepared_demo)
 
 def _crop(image, labels, size, k, seed):
     """Host crop (tfdata.random_crop on packed labels) + device finish (augment.finish_on_device), one sample."""
-    import tensorflow as tf
 
     im, packed, shift, flip = tfdata.random_crop(tf.constant(image), tf.constant(augment.pack_labels(labels, k)),
                                                  list(size), k, 0.5, tf.constant(seed, tf.int64))
@@ -192,6 +191,25 @@ def test_pack_unpack_round_trip_and_factor():
                 np.testing.assert_array_equal(augment.unpack_labels(packed, k, x - shift, shift), lab[..., shift:])
 
 
+def test_eval_center_window_is_the_numpy_crop():
+    """The eval stream's in-graph crop (TF ops) is preprocess.fit_to_size, the crop export applies to new scans,
+    on every mix of padded, cropped and even/odd axes; its packed label window, unpacked on the device, is
+    fit_to_size of the labels, for every packing factor."""
+    import jax
+    rng = np.random.default_rng(5)
+    size = (4, 5, 6)
+    for shape in [(4, 5, 6), (1, 2, 3), (7, 9, 11), (2, 10, 5), (8, 3, 13), (5, 6, 7), (4, 5, 1), (3, 8, 14)]:
+        x = rng.integers(0, 255, shape, dtype=np.uint8)
+        for a in (1, 3, 15, 200):
+            k = augment.packing_factor(a)
+            lab = rng.integers(0, a + 1, shape, dtype=np.uint8)
+            im, packed, shift = (t.numpy() for t in tfdata.center_window(
+                tf.constant(x), tf.constant(augment.pack_labels(lab, k)), k, size))
+            np.testing.assert_array_equal(im, preprocess.fit_to_size(x, size))
+            got = jax.jit(augment.unpack_window, static_argnums=1)(packed[None], size[2], np.array([shift]))[0]
+            np.testing.assert_array_equal(got, preprocess.fit_to_size(lab, size), err_msg=f"{shape} k={k}")
+
+
 def test_eval_batches_pad_last_batch(prepared_demo):
     batches = list(tfdata.eval_batches(str(prepared_demo / "records"), "valid", batch_size=5, size_zyx=(32, 48, 64)))
     assert [int(b["mask"].sum()) for b in batches] == [5, 5, 2]
@@ -203,8 +221,6 @@ def test_eval_batches_pad_last_batch(prepared_demo):
 def test_reconstruction_table_matches_the_record_files(prepared_demo):
     """prepare's reconstructions.json describes each record file in order (the one-per-epoch filter relies on it)."""
     import zlib
-
-    import tensorflow as tf
 
     from input_pipeline import ct_rate, records
 

@@ -223,25 +223,29 @@ def test_parallel_reads_give_the_same_stream(multi_recon_records):
         _stream(rdir, 1, parallel_reads=0)
 
 
-def _stream_ops(rdir, **kw) -> set[str]:
-    """The op types in the graph of the training stream's dataset, its functions included."""
+def _graph_ops(ds) -> set[str]:
+    """The op types in the graph of a tf.data.Dataset, its functions included."""
     from tensorflow.core.framework import graph_pb2
-    it = tfdata.train_batches(str(rdir), "train", batch_size=3, size_zyx=SIZE, flip_prob=0.5, seed=4,
-                              shuffle_buffer=4, block_files=2, **kw)
-    graph = graph_pb2.GraphDef.FromString(it._iterator._dataset._as_serialized_graph().numpy())
+    graph = graph_pb2.GraphDef.FromString(ds._as_serialized_graph().numpy())
     return {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
 
 
-def test_no_python_in_the_training_stream(multi_recon_records):
+def test_no_python_in_the_training_or_eval_stream(multi_recon_records):
     """A Python op (tf.py_function / numpy_function) with a call in flight when the endless stream's iterator is
-    destroyed can deadlock the process; the training stream has none, whatever it reads."""
+    destroyed can deadlock the process; the training stream has none, whatever it reads, nor does evaluation."""
     rdir, _, _ = multi_recon_records
     for kw in ({}, {"reconstructions": "one_per_epoch"}, {"reconstructions": "one_per_epoch", "ranged_reads": False},
                {"decode": "after_shuffle"}):
-        ops = _stream_ops(rdir, **kw)
+        it = tfdata.train_batches(str(rdir), "train", batch_size=3, size_zyx=SIZE, flip_prob=0.5, seed=4,
+                                  shuffle_buffer=4, block_files=2, **kw)
+        ops = _graph_ops(it._iterator._dataset)
         assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}, kw
         assert ("TFRecordDatasetV2" in ops) == (kw.get("reconstructions") == "one_per_epoch" and
                                                 kw.get("ranged_reads", True)), kw
+    # Evaluation too (an abandoned eval loop destroys its iterator mid-stream as well).
+    ops = _graph_ops(tfdata.eval_dataset(str(rdir), "train", batch_size=2, size_zyx=SIZE))
+    assert "TFRecordDataset" in ops or "TFRecordDatasetV2" in ops
+    assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
 
 
 def test_all_reconstructions_by_default(multi_recon_records):
