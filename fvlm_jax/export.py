@@ -92,6 +92,11 @@ class Predictor:
         abstract = nnx.eval_shape(lambda: FVLM(self.model_cfg, len(self.anatomies),
                                                global_pool=self.method == "clip", rngs=nnx.Rngs(0)))
         graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+        # Placed on this host's first device: without a target sharding Orbax would restore the saved one, the
+        # exporting run's mesh, which does not exist on another host (a model trained on 8 GPUs, used on a laptop).
+        here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                                       abstract_params)
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(folder, "params"), abstract_params)
         self.model = nnx.merge(graphdef, params, rest)

@@ -208,3 +208,46 @@ def test_cpu_attention_keeps_heads_sharded_over_the_mesh_in_one_group():
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(shape, sharding.MESH_AXES)):
             with sharding.axis_rules(rules):
                 assert groups() == want, shape
+
+
+EXPORT_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+    from flax import nnx
+    from configs import demo
+    from fvlm_jax import export, train
+    from input_pipeline.totalseg_classes import CLASS_TABLES
+
+    tokenizer, out = sys.argv[1], sys.argv[2]
+    cfg = demo.get_config()
+    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    model = train.Trainer(cfg, "fvlm", train.make_mesh(cfg)).model()
+    params = nnx.state(model, nnx.Param)
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(params)) == 8
+    export.export(model, "fvlm", cfg, tokenizer, CLASS_TABLES[cfg.prep.class_table], out + "/export")
+    np.savez(out + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
+""")
+
+
+def test_export_from_a_mesh_loads_on_one_device(prepared_demo, tmp_path):
+    """A model trained on 8 devices (FSDP and tensor axes split its weights) is exported, then loaded by a
+    process with one device, as on a workstation: the same weights, on that device."""
+    from fvlm_jax.export import Predictor
+
+    with open(prepared_demo / "records" / "manifest.json") as f:
+        tokenizer = str(prepared_demo / "records" / json.load(f)["tokenizer"])
+    res = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, tokenizer, str(tmp_path)],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert jax.device_count() == 1
+    pred = Predictor(str(tmp_path / "export"))
+    got = jax.tree.leaves(nnx.state(pred.model, nnx.Param))
+    want = np.load(tmp_path / "params.npz")
+    assert len(got) == len(want.files)
+    for i, x in enumerate(got):
+        assert x.sharding.device_set == {jax.devices()[0]}
+        np.testing.assert_array_equal(np.asarray(x), want[f"arr_{i}"])
