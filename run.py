@@ -42,6 +42,11 @@ def main(argv):
     steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
              "export": stages.run_export}
     for name, fn in steps.items():
+        if mode == "all" and name == "prepare" and _DISTRIBUTED.value and stages.is_prepared(workdir):
+            # Prepare runs on one machine; a multi-host "all" trains, evaluates and exports the records it made.
+            log.info("prepare skipped: %s holds prepared records (run --mode=prepare without --distributed to "
+                     "prepare again)", stages.records_dir(workdir))
+            continue
         if mode in (name, "all"):
             t0 = time.perf_counter()
             try:

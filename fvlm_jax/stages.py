@@ -34,6 +34,11 @@ def records_dir(workdir: str) -> str:
     return os.path.join(workdir, "records")
 
 
+def is_prepared(workdir: str) -> bool:
+    """Whether `--mode=prepare` finished in this workdir (it writes the manifest last)."""
+    return os.path.exists(os.path.join(records_dir(workdir), "manifest.json"))
+
+
 def load_manifest(workdir: str) -> dict:
     path = os.path.join(records_dir(workdir), "manifest.json")
     if not os.path.exists(path):
@@ -55,7 +60,7 @@ def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if jax.process_count() > 1:
         raise RuntimeError("prepare runs on one machine (its worker pool uses all its cores): run --mode=prepare "
-                           "without --distributed, then --mode=train/eval/export with it")
+                           "without --distributed, then --mode=all (or train, eval, export) with it")
 
     raw = cfg.data.root
     if cfg.data.source == "demo":

@@ -190,6 +190,9 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     diseases = disease_list(anatomies, vocabulary)
     strict = bool(cfg.data.get("strict", False))
     os.makedirs(out_dir, exist_ok=True)
+    # The manifest, written last, marks finished records (`stages.is_prepared`): none until this run finishes.
+    if os.path.exists(os.path.join(out_dir, "manifest.json")):
+        os.remove(os.path.join(out_dir, "manifest.json"))
     splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.threshold_split, cfg.data.eval_split]))
     rejects: list[dict] = []
     categories: collections.Counter = collections.Counter()
@@ -364,9 +367,10 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         "tokenizer": "tokenizer.model", "vocab_size": tok.vocab_size, "prep": prep_kw | {"class_table": p.class_table},
         "text_len": p.text_len, "report_len": p.report_len,
     }
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
+    with open(os.path.join(out_dir, "manifest.json.tmp"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(os.path.join(out_dir, "manifest.json.tmp"), os.path.join(out_dir, "manifest.json"))
     log.info("prepared %s in %s", manifest["splits"], out_dir)
     return manifest

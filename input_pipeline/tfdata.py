@@ -243,7 +243,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
     Each epoch visits this process's record files in a seeded random order, in blocks of `block_files` files: a
     block's files are interleaved record by record and shuffled through a buffer of `shuffle_buffer` records
-    (seeded per block). Order and augmentation depend only on (seed, example counter), so a run resumed at any
+    (seeded per block). Order and augmentation depend only on (seed, process, example counter), so a run resumed at any
     step sees exactly the batches of an uninterrupted run, and it reads at most one block to get there (the block
     is found from the record counts in the metadata; earlier blocks and epochs are not read).
 
@@ -287,6 +287,10 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
         # An endless stream over no records would spin forever instead of failing.
         raise ValueError(f"process {process_index} of {process_count} gets no record of split {split!r}: prepare "
                          "with data.num_shards a multiple of the process count and at most the number of scans")
+    # This process's file order, shuffles and augmentation draws: seeded by (seed, process) so that hosts do not
+    # repeat each other's crops and flips (process 0 keeps `seed`, so one process streams as it always did). The
+    # reconstruction choice stays keyed by `seed` and the scan alone.
+    pseed = seed if process_index == 0 else (seed % M31) * 1_000_003 + process_index * 7_919
     table, rec = None, {}
     if reconstructions == "one_per_epoch":
         path = os.path.join(records_dir, records.RECONSTRUCTIONS_FILE)
@@ -316,15 +320,15 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
            for key, v in rec.items()}
     per_file = tf.constant(counts, tf.int64)
     consumed = start_step * batch_size
-    epoch0, block0, offset = resume_point(lengths, block_files, seed, consumed)
+    epoch0, block0, offset = resume_point(lengths, block_files, pseed, consumed)
 
     names = tf.constant(files)
     n_blocks = -(-len(files) // block_files)
 
     def block(g):  # the records of global block g = epoch * n_blocks + b, interleaved and shuffled
         epoch, b = g // n_blocks, g % n_blocks
-        idx = _epoch_perm(len(files), seed, epoch)[b * block_files:(b + 1) * block_files]
-        block_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + epoch,
+        idx = _epoch_perm(len(files), pseed, epoch)[b * block_files:(b + 1) * block_files]
+        block_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(pseed, tf.int64) * 1_000_003 + epoch,
                                                                     b]), minval=None, maxval=None, dtype=tf.int64)
 
         def kept(i, pos):  # the epoch's reconstruction of each scan, by (file, position) in the table
@@ -363,7 +367,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     def crop(i, ex):
         out = dict(ex)
         out["image"], out["labels_packed"], out["label_shift"], out["flip"] = random_crop(
-            ex["image"], ex["labels_packed"], size_zyx, k, flip_prob, tf.stack([tf.constant(seed, tf.int64), i]))
+            ex["image"], ex["labels_packed"], size_zyx, k, flip_prob, tf.stack([tf.constant(pseed, tf.int64), i]))
         return out
 
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -121,6 +121,25 @@ def test_epochs_visit_every_example_once_and_resume_across_epochs(prepared_demo)
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_processes_read_disjoint_slices_that_cover_the_epoch(prepared_demo):
+    """Two processes (hosts) each stream their own record files: one epoch of both is every training scan once,
+    and their crops and flips are drawn independently (not the same draws on other data)."""
+    rdir = str(prepared_demo / "records")
+    kw = dict(batch_size=4, size_zyx=(32, 48, 64), flip_prob=0.5, seed=5, shuffle_buffer=8, block_files=1,
+              process_count=2)
+    runs = [_take(tfdata.train_batches(rdir, "train", process_index=i, **kw), 4) for i in range(2)]  # 16 scans each
+    reports = [{b["report_tokens"][j].tobytes() for b in run for j in range(4)} for run in runs]
+    assert len(reports[0]) == len(reports[1]) == 16 and not reports[0] & reports[1]
+    assert len(reports[0] | reports[1]) == 32
+    assert any((x["flip"] != y["flip"]).any() for x, y in zip(*runs))
+    resumed = _take(tfdata.train_batches(rdir, "train", process_index=1, start_step=2, **kw), 2)
+    for x, y in zip(runs[1][2:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    with pytest.raises(ValueError, match="gets no record"):
+        tfdata.train_batches(rdir, "train", **{**kw, "process_count": 3, "process_index": 2})
+
+
 def _crop(image, labels, size, k, seed):
     """Host crop (tfdata.random_crop on packed labels) + device finish (augment.finish_on_device), one sample."""
 
