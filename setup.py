@@ -37,6 +37,7 @@ setup(
         # Preparation as an Apache Beam pipeline (data.runner="beam"); tested with 2.77 (it pins protobuf < 7,
         # which TensorFlow 2.21 accepts).
         "beam": ["apache-beam>=2.70,<3"],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3"],
+        # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files.
+        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3", "tensorboard>=2.18,<3"],
     },
 )

@@ -329,17 +329,22 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError):
                 continue
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here leaves the old log whole
         f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-def _tensorboard(cfg: ml_collections.ConfigDict, train_dir: str):
-    """A TensorBoard event writer in <train_dir>/tensorboard (tensorboardX: no TensorFlow in training)."""
+def _tensorboard(cfg: ml_collections.ConfigDict, train_dir: str, start: int):
+    """A TensorBoard event writer in <train_dir>/tensorboard (tensorboardX: no TensorFlow in training).
+
+    It marks a restart at step start + 1, so TensorBoard drops the events of earlier runs from that step on (those
+    logged after the checkpoint this run resumes from, or a whole earlier run): each step shows once, as in
+    metrics.jsonl."""
     if not cfg.train.get("tensorboard", False):
         return None
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30)
+    return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30, purge_step=start + 1)
 
 
 def _console(bar, method: str, row: dict, total: int, rate: float, batch_size: int, anatomies: list) -> None:
@@ -377,7 +382,7 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     anatomies = list(cfg.prep.anatomies)
     bar = tqdm(total=total, initial=start, desc=f"train {method}", disable=not progress or jax.process_index(),
                dynamic_ncols=True)
-    tb = _tensorboard(cfg, train_dir) if writer else None
+    tb = _tensorboard(cfg, train_dir, start) if writer else None
     preemption = _PreemptionWatch()
     # With several processes, JAX's preemption sync point counts from the last step it was asked about; ask about
     # the resumed step now, so a notice during the first (compiling) step still stops the run at a step it reaches.

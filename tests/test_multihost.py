@@ -66,3 +66,31 @@ def test_two_processes_match_one():
     want = _losses(single.stdout)
     for out, _ in outs:
         np.testing.assert_allclose(_losses(out), want, rtol=2e-5, atol=2e-5)
+
+
+def test_cli_on_two_processes(prepared_demo, tmp_path):
+    """The real command line with --distributed on 2 processes (the README's multi-node form): `--mode=all` skips
+    prepare (done once, on one machine), then each process trains on its own record file, evaluates and exports."""
+    import json
+    import shutil
+
+    from conftest import TINY
+
+    workdir = tmp_path / "run"
+    shutil.copytree(prepared_demo, workdir)
+    port = str(_free_port())
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+           f"--workdir={workdir}", *TINY, "--config.train.methods=('fvlm',)", "--distributed",
+           f"--coordinator=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (out + err)[-4000:]
+        assert "prepare skipped" in err and f"process {i} of 2" in err, err[-4000:]
+    with open(workdir / "train" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert 0.0 <= summary["fvlm"]["mean_auc"] <= 1.0
+    assert (workdir / "export" / "fvlm" / "model.json").exists()

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,6 +71,20 @@ def test_console_lines_and_tensorboard_events(tmp_path, capsys):
     assert scalars["loss"][4] == pytest.approx(rows[3]["loss"], rel=1e-6)
     assert scalars["loss/lung"][2] == pytest.approx(rows[1]["loss/lung"], rel=1e-6)
     assert {"learning_rate", "grad_norm", "temperature", "volumes_per_s"} <= set(scalars)
+
+    # Killed after step 4 was logged but before its checkpoint: the rerun resumes at step 2 and logs 3-4 again.
+    # TensorBoard (its own event reader) shows each step once, with the rerun's values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    train.train(cfg, "fvlm", str(tmp_path), synthetic_batches(cfg), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("loss")] == [
+        (2, rows[1]["loss"]), (4, rows[3]["loss"])]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2  # both runs' event files are there
 
 
 def test_exact_gradient_accumulation_with_remat():
