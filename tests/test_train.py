@@ -37,16 +37,24 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    import jax
+    from flax import nnx
+
     cfg = tiny_config()
-    cfg.train.learning_rate = cfg.train.init_learning_rate = 1e30  # the first update makes the parameters inf
-    cfg.train.grad_clip_norm = 0.0
+    # Step 1 updates with learning rate 0 (the warm-up's start), step 2 with 5e29: its update makes the parameters
+    # inf. A checkpoint every step, so the one of step 2 would be saved if the check let it through.
+    cfg.train.init_learning_rate, cfg.train.learning_rate = 0.0, 1e30
+    cfg.train.grad_clip_norm, cfg.train.checkpoint_every = 0.0, 1
     with pytest.raises(FloatingPointError, match=r"non-finite loss, gradients or parameters at step \d+") as err:
         train.train(cfg, "fvlm", str(tmp_path), synthetic_batches(cfg), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
     assert all(np.isfinite([r["loss"], r["grad_norm"], r["param_norm"]]).all() for r in rows)
-    assert f"at step {len(rows) + 1};" in str(err.value)  # the first bad step, never logged
+    assert "at step 2;" in str(err.value)  # the first bad step, never logged
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert all(s <= len(rows) for s in saved)  # no checkpoint of a non-finite state
+    assert saved == [1]  # the last good state is kept, no checkpoint of the non-finite one
+    params = jax.tree.leaves(nnx.state(train.restore_params(cfg, "fvlm", str(tmp_path)), nnx.Param))
+    assert all(np.isfinite(np.asarray(x)).all() for x in params)
 
 
 def test_console_lines_and_tensorboard_events(tmp_path, capsys):
