@@ -3,7 +3,8 @@
 No TensorFlow needed, so it runs unchanged on an accelerator host:
   python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4
   python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16   # ViT-B on 112x256x352 (--remat: compare)
-MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak).
+MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak x
+devices).
 The peak comes from --peak_tflops or, for known accelerators, from the device kind (H100/H200 bf16 dense: 989).
 """
 
@@ -164,8 +165,9 @@ def main():
 
     f = flops.train_step_flops(cfg, args.batch, args.method)
     achieved = f["total"] / prefetch_step_s / 1e12
-    stats = dev.memory_stats() or {}
-    mem = stats.get("peak_bytes_in_use")
+    # The most any device held (with FSDP the devices' shares differ slightly).
+    mems = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    mem = max((m for m in mems if m is not None), default=None)
     remat = f"True ({cfg.model.remat_policy})" if cfg.model.remat else "False"
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
           f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {remat}, attention "
@@ -183,13 +185,14 @@ def main():
         print(f"step time: {t * 1e3:.1f} ms   volumes/s: {args.batch / t:.1f}   ({label})")
     print(f"model FLOPs/step: {f['total'] / 1e12:.3f} TFLOP (vision {f['vision'] / f['total']:.0%}, text "
           f"{f['text'] / f['total']:.0%})   achieved: {achieved:.2f} TFLOP/s (prefetched)")
-    if peak:
-        print("MFU: " + ", ".join(f"{f['total'] / t / 1e12 / peak:.1%} ({label.split(' (')[0]})"
-                                  for label, t in feeds.items()) + f" of {peak:.0f} TFLOP/s")
+    if peak:  # the step runs on every device of the mesh: MFU against all of their peak
+        n = jax.device_count()
+        print("MFU: " + ", ".join(f"{f['total'] / t / 1e12 / (peak * n):.1%} ({label.split(' (')[0]})"
+                                  for label, t in feeds.items()) + f" of {n} x {peak:.0f} TFLOP/s")
     else:
         print("MFU: no peak known for this device (pass --peak_tflops)")
     if mem is not None:
-        print(f"peak device memory: {mem / 2**30:.2f} GiB")
+        print(f"peak device memory: {mem / 2**30:.2f} GiB (the largest of {len(mems)} local devices)")
     print(f"peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     assert np.isfinite(float(last["metrics"]["loss"]))
     if args.profile:

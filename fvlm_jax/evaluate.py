@@ -124,8 +124,20 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
 
 
 def prompt_embeddings(model: FVLM, tokens: np.ndarray) -> np.ndarray:
-    """tokens [T, 2, L] (negative, positive prompt per task) -> [T, 2, E]."""
-    return np.asarray(jax.jit(lambda t: model.encode_text(t))(tokens))
+    """tokens [T, 2, L] (negative, positive prompt per task) -> [T, 2, E].
+
+    The weights go in as arguments, not closed over: a model trained with FSDP across hosts has weights no process
+    holds whole. On such a model's mesh the tokens and the result are replicated, so every process reads it back.
+    """
+    graphdef, state = nnx.split(model)
+    encode = lambda st, t: nnx.merge(graphdef, st).encode_text(t)  # noqa: E731
+    shardings = {x.sharding for x in jax.tree.leaves(state) if isinstance(x, jax.Array)}
+    mesh = next((sh.mesh for sh in shardings if isinstance(sh, NamedSharding)), None)
+    if mesh is None:
+        return np.asarray(jax.jit(encode)(state, tokens))
+    whole = NamedSharding(mesh, P())
+    with jax.set_mesh(mesh):
+        return np.asarray(jax.jit(encode, out_shardings=whole)(state, jax.device_put(tokens, whole)))
 
 
 def task_scores(img_emb: np.ndarray, prompt_emb: np.ndarray, anatomy_index: Sequence[int],

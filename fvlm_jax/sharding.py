@@ -97,6 +97,11 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     n = math.prod(shape)
     if data < 1 or n > n_dev:
         raise ValueError(f"mesh data x fsdp x tensor = {shape} needs {n} devices; {n_dev} are visible")
+    if n < n_dev and jax.process_count() > 1:
+        # jax.devices()[:n] would leave whole hosts without a device, and their batches nowhere to go.
+        raise ValueError(f"mesh data x fsdp x tensor = {shape} uses {n} of the {n_dev} devices of this "
+                         f"{jax.process_count()}-process job: with several processes the mesh must use every device "
+                         "(mesh.data=-1 does)")
     batch_shards = data * fsdp
     if cfg.train.batch_size % batch_shards:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {batch_shards} batch "

@@ -13,6 +13,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import jax
     n_proc, proc_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jax.config.update("jax_num_cpu_devices", 4 // n_proc)  # 4 devices in all, as 1 x 4 or 2 x 2
     if n_proc > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
@@ -22,7 +23,19 @@ SCRIPT = textwrap.dedent("""
     cfg = demo.get_config()
     cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
     cfg.train.batch_size = 8
+    # FSDP over all 4 devices: with 2 processes, every weight is split across the hosts (no process holds it whole).
+    cfg.mesh.data, cfg.mesh.fsdp = 1, 4
     trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    kernel = trainer.state["params"]["vision"]["blocks"][0]["fc1"]["kernel"]
+    assert kernel.is_fully_addressable == (n_proc == 1) and len(kernel.sharding.device_set) == 4
+    if n_proc > 1:  # a mesh that leaves a host without devices is refused
+        bad = demo.get_config()
+        bad.mesh.data, bad.train.batch_size = 2, 8
+        try:
+            train.make_mesh(bad)
+            raise AssertionError("a 2-device mesh in a 4-device, 2-process job was accepted")
+        except ValueError as e:
+            assert "must use every device" in str(e), e
     local = cfg.train.batch_size // jax.process_count()
     losses = []
     for step in range(3):
@@ -36,6 +49,10 @@ SCRIPT = textwrap.dedent("""
     emb = np.asarray(evaluate.image_encoder(trainer.model(), trainer.mesh, cfg.sharding.rules)(b["image"],
                                                                                                 b["labels"])[0])
     losses.append(float(np.abs(emb).sum()))
+    # Zero-shot prompts and the temperature, read back on every process from the split weights.
+    tokens = np.random.default_rng(0).integers(1, 50, (3, 2, cfg.prep.text_len))
+    losses.append(float(np.abs(evaluate.prompt_embeddings(trainer.model(), tokens)).sum()))
+    losses.append(float(trainer.model().temp()))
     print("LOSSES", losses)
 """)
 
