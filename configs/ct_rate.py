@@ -70,8 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and
     # remat (nothing_saveable) made the step 2.2x slower (57.9 -> 126.6 ms, both with the batch copied in the loop;
     # README "Train-step speed"). Where the attention is XLA's (TPU), the [B, H, N, N] logits are kept: XLA:CPU's
-    # memory analysis estimates 39 GiB without remat and 31.7 GiB with it at 14 volumes per device; with less memory
-    # than that, set model.remat=True and train.grad_accum_steps=2 (18.8 GiB).
+    # memory analysis estimates 34.6 GiB without remat and 28.8 GiB with it at 14 volumes per device (GELU
+    # recomputed); with less memory than that, set model.remat=True and train.grad_accum_steps=2 (17.3 GiB).
     c.model.remat = False
 
     c.train.batch_size = 56

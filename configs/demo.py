@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "all": every record each epoch; "one_per_epoch": one reconstruction of each scan per epoch, drawn afresh each
     # epoch (scans are grouped by CT-RATE's volume names, train_1_a_1 and train_1_a_2 -> train_1_a).
     c.data.reconstructions = "all"
+    # Record files of a block read at once (tf.data's deterministic parallel interleave; -1: AUTOTUNE). 1 reads
+    # them one record after another in one thread; configs/ct_rate.py reads 4 (README "Benchmarks").
+    c.data.parallel_reads = 1
     # Batches copied to the devices ahead of the training step (or evaluation batch) that uses them, in a background
     # thread (0: in the loop). At the paper's size on one H200, in one run of bench/feed_check.py, a step took 58.6 ms
     # with the copy in the loop, 52.4 ms with 2 batches ahead, 48.5 ms with 4, 47.5 ms on batches already there.
