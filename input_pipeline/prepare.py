@@ -353,14 +353,24 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     lengths = tok.lengths(train_texts[: len(train_texts) - len(train_scans)])
     report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in train_scans])
     pct = (50, 90, 95, 99, 100)
-    stats["anatomy_text_tokens"] = dict(zip([f"p{q}" for q in pct], np.percentile(lengths, pct).tolist()))
-    stats["report_tokens"] = dict(zip([f"p{q}" for q in pct], np.percentile(report_lengths, pct).tolist()))
+
+    def summary(n, limit):  # percentiles, and the share the configured length truncates
+        n = np.asarray(n)
+        return {**dict(zip([f"p{q}" for q in pct], np.percentile(n, pct).tolist())),
+                "truncated_at_configured": round(float((n > limit).mean()), 4)}
+
+    stats["anatomy_text_tokens"] = summary(lengths, p.text_len)
+    stats["anatomy_text_tokens_by_anatomy"] = {
+        a: summary(tok.lengths(ts), p.text_len) for a in anatomies
+        if (ts := [texts[s.id][a].text for s in train_scans if a in texts[s.id]])}
+    stats["report_tokens"] = summary(report_lengths, p.report_len)
     stats["rejected"] = dict(sorted(categories.items()))
-    for name, pcts, limit in (("anatomy", stats["anatomy_text_tokens"], p.text_len),
-                              ("report", stats["report_tokens"], p.report_len)):
-        if pcts["p99"] > limit:
-            log.warning("%s texts: p99 length %d tokens > configured %d: they will be truncated", name,
-                        pcts["p99"], limit)
+    for name, pcts, limit, key in (("anatomy", stats["anatomy_text_tokens"], p.text_len, "prep.text_len"),
+                                   ("report", stats["report_tokens"], p.report_len, "prep.report_len")):
+        if pcts["p95"] > limit:
+            log.warning("%s texts: %.1f %% are longer than %s=%d tokens and will be truncated (p95 %d, p99 %d "
+                        "tokens; records/stats.json)", name, 100 * pcts["truncated_at_configured"], key, limit,
+                        pcts["p95"], pcts["p99"])
     manifest = {
         "anatomies": anatomies, "diseases": diseases, "label_columns": columns,
         "splits": {i.name: i.num_examples for i in split_infos}, "rejected": len(rejects),

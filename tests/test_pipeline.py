@@ -264,3 +264,17 @@ def test_records_without_packed_labels_get_a_clear_error():
                                       "text_tokens": tfds.features.Tensor(shape=(4, 8), dtype=np.int32)})
     with pytest.raises(ValueError, match="prepare again"):
         tfdata.label_packing(old)
+
+
+def test_text_length_statistics_per_anatomy(prepared_demo):
+    """stats.json gives the token lengths of each anatomy's texts (to set prep.text_len from the data) and the
+    share the configured length truncates."""
+    stats = json.loads((prepared_demo / "records" / "stats.json").read_text())
+    manifest = json.loads((prepared_demo / "records" / "manifest.json").read_text())
+    pooled, by = stats["anatomy_text_tokens"], stats["anatomy_text_tokens_by_anatomy"]
+    assert set(by) <= set(manifest["anatomies"]) and len(by) >= 3
+    assert pooled["p100"] == max(v["p100"] for v in by.values())
+    assert min(v["p50"] for v in by.values()) <= pooled["p50"] <= max(v["p50"] for v in by.values())
+    for v in (pooled, *by.values()):
+        assert v["p50"] <= v["p95"] <= v["p100"] and 0.0 <= v["truncated_at_configured"] <= 1.0
+        assert (v["truncated_at_configured"] > 0) == (v["p100"] > manifest["text_len"])
