@@ -94,7 +94,8 @@ def test_cli_on_two_processes(prepared_demo, tmp_path):
     from conftest import TINY
 
     workdir = tmp_path / "run"
-    shutil.copytree(prepared_demo, workdir)
+    shutil.copytree(prepared_demo / "records", workdir / "records")  # the prepared records alone (other tests train
+    # in the shared workdir)
     port = str(_free_port())
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
            f"--workdir={workdir}", *TINY, "--config.train.methods=('fvlm',)", "--distributed",
