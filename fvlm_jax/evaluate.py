@@ -131,8 +131,8 @@ def prompt_embeddings(model: FVLM, tokens: np.ndarray) -> np.ndarray:
     """
     graphdef, state = nnx.split(model)
     encode = lambda st, t: nnx.merge(graphdef, st).encode_text(t)  # noqa: E731
-    shardings = {x.sharding for x in jax.tree.leaves(state) if isinstance(x, jax.Array)}
-    mesh = next((sh.mesh for sh in shardings if isinstance(sh, NamedSharding)), None)
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
+                 if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)), None)
     if mesh is None:
         return np.asarray(jax.jit(encode)(state, tokens))
     whole = NamedSharding(mesh, P())

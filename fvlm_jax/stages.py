@@ -34,13 +34,17 @@ def records_dir(workdir: str) -> str:
     return os.path.join(workdir, "records")
 
 
+def _manifest_path(workdir: str) -> str:
+    return os.path.join(records_dir(workdir), "manifest.json")
+
+
 def is_prepared(workdir: str) -> bool:
     """Whether `--mode=prepare` finished in this workdir (it writes the manifest last)."""
-    return os.path.exists(os.path.join(records_dir(workdir), "manifest.json"))
+    return os.path.exists(_manifest_path(workdir))
 
 
 def load_manifest(workdir: str) -> dict:
-    path = os.path.join(records_dir(workdir), "manifest.json")
+    path = _manifest_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run --mode=prepare first")
     with open(path) as f:

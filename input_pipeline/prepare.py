@@ -191,8 +191,9 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     strict = bool(cfg.data.get("strict", False))
     os.makedirs(out_dir, exist_ok=True)
     # The manifest, written last, marks finished records (`stages.is_prepared`): none until this run finishes.
-    if os.path.exists(os.path.join(out_dir, "manifest.json")):
-        os.remove(os.path.join(out_dir, "manifest.json"))
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
     splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.threshold_split, cfg.data.eval_split]))
     rejects: list[dict] = []
     categories: collections.Counter = collections.Counter()
@@ -350,7 +351,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         json.dump({split: records.reconstruction_table([s.id for s in scans[split]], ct_rate.scan_key)
                    for split in splits}, f)
 
-    lengths = tok.lengths(train_texts[: len(train_texts) - len(train_scans)])
+    by_anatomy = {a: tok.lengths(ts) for a in anatomies
+                  if (ts := [texts[s.id][a].text for s in train_scans if a in texts[s.id]])}
     report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in train_scans])
     pct = (50, 90, 95, 99, 100)
 
@@ -359,10 +361,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         return {**dict(zip([f"p{q}" for q in pct], np.percentile(n, pct).tolist())),
                 "truncated_at_configured": round(float((n > limit).mean()), 4)}
 
-    stats["anatomy_text_tokens"] = summary(lengths, p.text_len)
-    stats["anatomy_text_tokens_by_anatomy"] = {
-        a: summary(tok.lengths(ts), p.text_len) for a in anatomies
-        if (ts := [texts[s.id][a].text for s in train_scans if a in texts[s.id]])}
+    stats["anatomy_text_tokens"] = summary(np.concatenate(list(by_anatomy.values())), p.text_len)
+    stats["anatomy_text_tokens_by_anatomy"] = {a: summary(n, p.text_len) for a, n in by_anatomy.items()}
     stats["report_tokens"] = summary(report_lengths, p.report_len)
     stats["rejected"] = dict(sorted(categories.items()))
     for name, pcts, limit, key in (("anatomy", stats["anatomy_text_tokens"], p.text_len, "prep.text_len"),
@@ -379,8 +379,6 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     }
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
-    with open(os.path.join(out_dir, "manifest.json.tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(os.path.join(out_dir, "manifest.json.tmp"), os.path.join(out_dir, "manifest.json"))
+    records.write_json_atomic(manifest_path, manifest, indent=1)
     log.info("prepared %s in %s", manifest["splits"], out_dir)
     return manifest

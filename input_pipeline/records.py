@@ -88,14 +88,18 @@ def record_index_path(records_dir: str, split: str) -> str:
     return os.path.join(records_dir, f"record_index-{split}.json")
 
 
+def write_json_atomic(path: str, obj, indent: int | None = None) -> None:
+    """Writes `obj` as JSON to a temporary name and renames it: a reader (or a kill) never sees half of it."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
 def write_record_index(records_dir: str, split: str, index: dict) -> None:
     """Writes {file name: {"bytes": file size, "record_bytes": [data length of each record, in file order]}} of a
     split's record files, so readers can find every record's byte range without scanning the files
-    (`tfdata.record_spans`). Written to a temporary name and renamed, so a reader never sees half of it."""
-    path = record_index_path(records_dir, split)
-    with open(path + ".tmp", "w") as f:
-        json.dump(index, f)
-    os.replace(path + ".tmp", path)
+    (`tfdata.record_spans`), atomically (`write_json_atomic`)."""
+    write_json_atomic(record_index_path(records_dir, split), index)
 
 
 def load_record_index(records_dir: str, split: str) -> dict | None:

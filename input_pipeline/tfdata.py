@@ -91,7 +91,8 @@ def center_window(image, labels_packed, k: int, size_zyx):
     Returns (image [Z, Y, X], labels_packed [Z, Y, W], label_shift): `fvlm_jax.augment.unpack_window` on the
     device gives labels equal to `fit_to_size` of the unpacked labels.
     """
-    size = tf.constant([int(s) for s in size_zyx], tf.int32)
+    zyx = [int(s) for s in size_zyx]
+    size = tf.constant(zyx, tf.int32)
     shape = tf.shape(image, out_type=tf.int32)
     pad = tf.maximum(size - shape, 0)
     before = pad // 2
@@ -101,13 +102,12 @@ def center_window(image, labels_packed, k: int, size_zyx):
     # Labels: rows cut and padded like the image's; along x, whole zero bytes in front, then the bytes of the window.
     lead = (tf.maximum(-start[2], 0) + k - 1) // k
     x0 = start[2] + lead * k  # the window's first voxel in the padded packed row (>= 0)
-    width = (int(size_zyx[2]) - 1) // k + 2
+    width = augment.packed_width(zyx[2], k)
     labels_packed = labels_packed[src[0]:src[0] + n[0], src[1]:src[1] + n[1]]
     behind = tf.maximum(x0 // k + width - lead - tf.shape(labels_packed, out_type=tf.int32)[2], 0)
     labels_packed = tf.pad(labels_packed, [[before[0], pad[0] - before[0]], [before[1], pad[1] - before[1]],
                                            [lead, behind]])
     labels_packed = labels_packed[:, :, x0 // k:x0 // k + width]
-    zyx = [int(s) for s in size_zyx]
     return tf.ensure_shape(image, zyx), tf.ensure_shape(labels_packed, [zyx[0], zyx[1], width]), x0 % k
 
 
