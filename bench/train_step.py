@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from configs import ct_rate, demo
-from fvlm_jax import flops, synthetic, train
+from fvlm_jax import flops, synthetic, text_lengths, train
 from fvlm_jax.models import transformer
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 
@@ -50,6 +50,10 @@ def main():
     ap.add_argument("--remat_policy", default=None,
                     help="model.remat_policy, a jax.checkpoint_policies name (default: the preset's)")
     ap.add_argument("--text_len", type=int, default=None, help="tokens per anatomy text (default: the preset's)")
+    ap.add_argument("--anatomy_len", default=None,
+                    help="model.text.anatomy_len: explicit tokens per anatomy ('lung=112,heart=56'), '' for every "
+                         "anatomy at --text_len (default: the preset's if explicit; the paper preset's percentile "
+                         "needs prepared records, so it runs at --text_len)")
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (exact accumulation)")
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,8,1 (default: all devices on data)")
@@ -94,6 +98,10 @@ def main():
         cfg.model.remat_policy = args.remat_policy
     if args.text_len:
         cfg.prep.text_len = args.text_len
+    if args.anatomy_len is not None:
+        cfg.model.text.anatomy_len = args.anatomy_len
+    elif text_lengths.is_percentile(cfg.model.text.get("anatomy_len", "")) or args.text_len:
+        cfg.model.text.anatomy_len = ""  # no records statistics here (or a changed stored length)
     cfg.train.batch_size = args.batch
     if args.ahead is None:
         args.ahead = int(cfg.data.get("prefetch_to_device", 2))
@@ -172,7 +180,8 @@ def main():
     print(f"device: {jax.device_count()} x {kind} ({jax.default_backend()}); preset {args.preset}, method "
           f"{args.method}, batch {args.batch}, dtype {cfg.model.dtype}, remat {remat}, attention "
           f"{cfg.model.attention}, GELU {args.gelu}, input {tuple(cfg.model.input_zyx)}, patch "
-          f"{tuple(cfg.model.vision.patch_zyx)}, text_len {cfg.prep.text_len}")
+          f"{tuple(cfg.model.vision.patch_zyx)}, text_len {cfg.prep.text_len}"
+          + (f" (per anatomy {trainer.text_lengths})" if trainer.text_lengths and args.method == "fvlm" else ""))
     if fused is not None:
         print(f"fused cuDNN attention calls in the step (forward + backward): {fused}")
     print(f"compile + first step: {compile_s:.1f} s")

@@ -64,7 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         patch_zyx=(16, 16, 32), width=768, depth=12, heads=12, mlp_dim=3072, feature_blocks=(4, 7, 10),
         stem_channels=()))
     c.model.text = ml_collections.ConfigDict(dict(
-        vocab_size=c.prep.get_ref("vocab_size"), max_len=512, width=768, depth=12, heads=12, mlp_dim=3072))
+        vocab_size=c.prep.get_ref("vocab_size"), max_len=512, width=768, depth=12, heads=12, mlp_dim=3072,
+        # Tokens per anatomy text: each anatomy's 99th percentile in records/stats.json, rounded up to a multiple
+        # of 8, at most prep.text_len ("" = all at prep.text_len; or explicit, "lung=120,heart=64").
+        anatomy_len="p99"))
 
     c.model.dtype = "bfloat16"
     # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and

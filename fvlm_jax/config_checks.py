@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from fvlm_jax import sharding
+from fvlm_jax import sharding, text_lengths
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 from fvlm_jax.train import METHODS
 
@@ -29,6 +29,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"model.vision.feature_blocks {tuple(v.feature_blocks)} must lie in [1, {v.depth}]")
     if max(cfg.prep.text_len, cfg.prep.report_len) > m.text.max_len:
         errors.append(f"prep.text_len / prep.report_len exceed model.text.max_len={m.text.max_len}")
+    spec = str(m.text.get("anatomy_len", "") or "")
+    if spec and not text_lengths.is_percentile(spec):
+        try:
+            text_lengths.parse(spec, cfg.prep.anatomies, cfg.prep.text_len)
+        except ValueError as e:
+            errors.append(str(e))
     if not 0 < m.temperature.min <= m.temperature.init <= m.temperature.max:
         errors.append("need 0 < model.temperature.min <= init <= max")
     bad = [x for x in cfg.train.methods if x not in METHODS]

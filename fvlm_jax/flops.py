@@ -10,6 +10,8 @@ import math
 
 import ml_collections
 
+from fvlm_jax import text_lengths
+
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> dict:
     """Forward FLOPs of one sequence: {"weights": ..., "attention": ...}."""
@@ -35,8 +37,8 @@ def train_step_flops(cfg: ml_collections.ConfigDict, batch_size: int, method: st
                      text_tokens: int | None = None) -> dict:
     """Model FLOPs of one training step (forward + backward = 3 x forward) of the global batch.
 
-    text_tokens: tokens per text actually encoded (default: prep.text_len per anatomy for fVLM, prep.report_len for
-    CLIP). Returns the parts and "total".
+    text_tokens: tokens per text actually encoded (default: for fVLM each anatomy's model.text.anatomy_len when
+    explicit, else prep.text_len; prep.report_len for CLIP). Returns the parts and "total".
     """
     m, v, t = cfg.model, cfg.model.vision, cfg.model.text
     n_img = math.prod(i // p for i, p in zip(m.input_zyx, v.patch_zyx))
@@ -44,15 +46,18 @@ def train_step_flops(cfg: ml_collections.ConfigDict, batch_size: int, method: st
     stem = stem_flops(m.input_zyx, v.patch_zyx, tuple(v.get("stem_channels", ())), v.width)
     n_anat = len(cfg.prep.anatomies)
     if method == "clip":
-        texts, length = 1, text_tokens or cfg.prep.report_len
+        lengths = [text_tokens or cfg.prep.report_len]
     else:
-        texts, length = n_anat, text_tokens or cfg.prep.text_len
-    txt = transformer_flops(length, t.width, t.depth, t.mlp_dim)
+        spec = str(t.get("anatomy_len", "") or "")
+        per_anatomy = None if text_tokens or text_lengths.is_percentile(spec) else text_lengths.parse(
+            spec, cfg.prep.anatomies, cfg.prep.text_len)
+        lengths = per_anatomy or [text_tokens or cfg.prep.text_len] * n_anat
+    txt = [transformer_flops(n, t.width, t.depth, t.mlp_dim) for n in lengths]
     levels = len(v.feature_blocks) + 1
     queries = 1 if method == "clip" else n_anat
     pool = 2 * (levels * n_img * 2 * v.width * v.width + queries * levels * n_img * 2 * v.width)
     fwd = {"vision": vis["weights"] + vis["attention"] + stem, "vision_attention": vis["attention"],
-           "patch_embedding": stem, "text": texts * (txt["weights"] + txt["attention"]), "pooling": pool}
+           "patch_embedding": stem, "text": sum(x["weights"] + x["attention"] for x in txt), "pooling": pool}
     per_volume = fwd["vision"] + fwd["text"] + fwd["pooling"]
     return {**{k: 3 * batch_size * x for k, x in fwd.items()}, "forward_per_volume": per_volume,
             "total": 3 * batch_size * per_volume}

@@ -12,6 +12,7 @@ TensorFlow is imported only by the stages that read records (prepare, train, eva
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fvlm_jax import evaluate, export, plots, train
+from fvlm_jax import evaluate, export, plots, text_lengths, train
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} hosts")
     local_batch = cfg.train.batch_size // jax.process_count()
+    cfg = resolve_anatomy_text_len(cfg, manifest, _read_json(os.path.join(records_dir(workdir), "stats.json")))
 
     def batches(start_step):
         return tfdata.train_batches(
@@ -113,6 +115,28 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
     for method in cfg.train.methods:
         train.train(cfg, method, train_dir(workdir, method), batches)
+
+
+def resolve_anatomy_text_len(cfg: ml_collections.ConfigDict, manifest: dict, stats: dict | None):
+    """cfg with model.text.anatomy_len as explicit lengths ("lung=112,..."; a percentile there is taken from the
+    records' stats.json), checked against the stored text length; logs what each anatomy gets."""
+    spec = str(cfg.model.text.get("anatomy_len", "") or "").strip()
+    if not spec:
+        return cfg
+    stored = int(manifest.get("text_len", cfg.prep.text_len))
+    if stored != cfg.prep.text_len:
+        raise ValueError(f"records hold {stored} tokens per anatomy text, config has prep.text_len="
+                         f"{cfg.prep.text_len}: prepare again or set it back")
+    explicit = text_lengths.from_stats(spec, cfg.prep.anatomies, stored, stats) if text_lengths.is_percentile(
+        spec) else spec
+    lengths = text_lengths.parse(explicit, cfg.prep.anatomies, stored)
+    by_anatomy = (stats or {}).get("anatomy_text_tokens_by_anatomy", {})
+    log.info("tokens per anatomy text (model.text.anatomy_len=%r; stored %d): %s", spec, stored, ", ".join(
+        f"{a} {n}" + (f" (p95 {by_anatomy[a]['p95']:.0f})" if a in by_anatomy else "")
+        for a, n in zip(cfg.prep.anatomies, lengths or [stored] * len(cfg.prep.anatomies))))
+    cfg = copy.deepcopy(cfg)
+    cfg.model.text.anatomy_len = explicit
+    return cfg
 
 
 def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fvlm_jax import augment, losses, sharding
+from fvlm_jax import augment, losses, sharding, text_lengths
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.prefetch import prefetch
 from fvlm_jax.sharding import make_mesh  # noqa: F401  (re-exported: train.make_mesh(cfg))
@@ -58,11 +58,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
 
-def _embed(model: FVLM, batch: dict, method: str):
-    """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A]."""
+def _embed(model: FVLM, batch: dict, method: str, text_lengths=None):
+    """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A].
+    text_lengths: tokens per anatomy text (fVLM; None = all stored tokens), see fvlm_jax.text_lengths."""
     image = batch["image"].astype(jnp.float32) / 255.0
     img, _, intact = model.encode_image(image, batch["labels"])
-    txt = model.encode_text(batch["report_tokens"] if method == "clip" else batch["text_tokens"])
+    if method == "clip":
+        txt = model.encode_text(batch["report_tokens"])
+    else:
+        txt = model.encode_anatomy_texts(batch["text_tokens"], text_lengths)
     return img, txt, intact
 
 
@@ -85,15 +89,16 @@ def _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, me
     return losses.anatomy_contrastive_loss(img, txt, **kw)
 
 
-def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None):
+def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None,
+               text_lengths=None):
     """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
-    img, txt, intact = _embed(model, batch, method)
+    img, txt, intact = _embed(model, batch, method, text_lengths)
     loss, per_anatomy = _loss_from_embeddings(img, txt, intact, model.temp(), batch, method, loss_cfg, mesh)
     return loss, {"per_anatomy": per_anatomy}
 
 
 def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
-                               batch_spec=None):
+                               batch_spec=None, text_lengths=None):
     """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
 
     Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
@@ -114,7 +119,7 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
     micro = jax.tree.map(split, batch)
 
     def embed(p, mb):
-        return _embed(nnx.merge(graphdef, p), mb, method)
+        return _embed(nnx.merge(graphdef, p), mb, method, text_lengths)
 
     img, txt, intact = jax.lax.map(lambda mb: embed(params, mb), micro)
     flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
@@ -181,6 +186,9 @@ class Trainer:
             self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
         graphdef, loss_cfg, rules = self.graphdef, cfg.loss, self.rules
+        # Tokens per anatomy text (model.text.anatomy_len; a percentile there is resolved by stages.run_train).
+        self.text_lengths = lengths = text_lengths.parse(cfg.model.text.get("anatomy_len", ""),
+                                                         cfg.prep.anatomies, cfg.prep.text_len)
         num_micro = int(cfg.train.get("grad_accum_steps", 1))
         batch_spec = self.batch_spec
 
@@ -193,10 +201,10 @@ class Trainer:
                         batch = augment.finish_on_device(batch, width)
                 if num_micro > 1:
                     (loss, aux), grads = accumulated_value_and_grad(
-                        graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec)
+                        graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec, lengths)
                 else:
                     def loss_fn(params):
-                        return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh)
+                        return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh, lengths)
 
                     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.

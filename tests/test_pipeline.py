@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import demo
 from fvlm_jax import augment
 from input_pipeline import preprocess, tfdata
 
@@ -24,7 +25,8 @@ def test_records_read_through_tfds(prepared_demo):
     labels = augment.unpack_labels(packed, k, image.shape[2])
     assert image.dtype == np.uint8 and labels.shape == image.shape and image.max() > 200
     assert set(np.unique(labels)) <= set(range(len(manifest["anatomies"]) + 1))
-    assert ex["text_tokens"].shape == (len(manifest["anatomies"]), 48)
+    assert ex["text_tokens"].shape == (len(manifest["anatomies"]), demo.get_config().prep.text_len) == (
+        len(manifest["anatomies"]), manifest["text_len"])
     assert ex["targets"].shape == (len(manifest["label_columns"]),)
 
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fvlm_jax import anatomy
-from fvlm_jax.models.text import TextEncoder
+from fvlm_jax import anatomy, text_lengths
+from fvlm_jax.models.text import TextEncoder, truncate_tokens
 from fvlm_jax.models.transformer import dense, layer_norm
 from fvlm_jax.models.vit3d import ViT3D
 from fvlm_jax.sharding import constrain, logical
@@ -107,3 +107,19 @@ class FVLM(nnx.Module):
         """tokens: [..., T] ids with [CLS] first. Returns [..., E] L2-normalised."""
         with jax.named_scope("text"):
             return l2_normalize(self.txt_proj(self.text(tokens).astype(jnp.float32)))
+
+    def encode_anatomy_texts(self, tokens, lengths=None):
+        """tokens: [B, A, T], one text per anatomy. lengths: None (all at T) or one length per anatomy
+        (`text_lengths.parse`): each anatomy's tokens are cut to its length (`truncate_tokens`) and the anatomies
+        of one length go through the text encoder together, one call per distinct length. Returns [B, A, E]."""
+        if lengths is None:
+            return self.encode_text(tokens)
+        if len(lengths) != tokens.shape[1]:
+            raise ValueError(f"{len(lengths)} text lengths for {tokens.shape[1]} anatomies")
+        emb = [None] * tokens.shape[1]
+        for length, idx in text_lengths.groups(lengths):
+            part = jnp.stack([tokens[:, a] for a in idx], axis=1)  # static slices, no gather
+            out = self.encode_text(truncate_tokens(part, length))
+            for j, a in enumerate(idx):
+                emb[a] = out[:, j]
+        return jnp.stack(emb, axis=1)

@@ -9,6 +9,18 @@ from fvlm_jax.models.transformer import Block, block_runner, layer_norm
 from fvlm_jax.sharding import constrain, logical
 
 PAD_ID = 0
+EOS_ID = 3  # input_pipeline.tokenizer's ids: [PAD] 0, [UNK] 1, [CLS] 2, [EOS] 3
+
+
+def truncate_tokens(tokens, length: int):
+    """Token ids [..., T] cut to their first `length` (<= T), as the tokenizer would have written them at that
+    length: a text that continues past the cut ends in [EOS] at position length - 1."""
+    t = tokens.shape[-1]
+    if length >= t:
+        return tokens
+    out = tokens[..., :length]
+    cut = tokens[..., length] != PAD_ID
+    return out.at[..., length - 1].set(jnp.where(cut, EOS_ID, out[..., length - 1]))
 
 
 class TextEncoder(nnx.Module):
