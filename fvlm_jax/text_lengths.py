@@ -86,23 +86,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     """python -m fvlm_jax.text_lengths WORKDIR [p95]: each anatomy's token counts in WORKDIR/records/stats.json and
     the explicit model.text.anatomy_len that the percentile gives."""
     import argparse
-    import json
     import os
+
+    from fvlm_jax import stages
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("workdir")
     ap.add_argument("percentile", nargs="?", default="p95", choices=PERCENTILES)
     args = ap.parse_args(argv)
-    records = os.path.join(args.workdir, "records")
     try:
-        with open(os.path.join(records, "stats.json")) as f:
-            stats = json.load(f)
-        with open(os.path.join(records, "manifest.json")) as f:
-            manifest = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"{e}: run --mode=prepare for {args.workdir} first") from None
-    anatomies, stored = manifest["anatomies"], int(manifest["text_len"])
-    spec = from_stats(args.percentile, anatomies, stored, stats)
+        manifest = stages.load_manifest(args.workdir)
+        stats = stages._read_json(os.path.join(stages.records_dir(args.workdir), "stats.json"))
+        anatomies, stored = manifest["anatomies"], int(manifest["text_len"])
+        spec = from_stats(args.percentile, anatomies, stored, stats)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     print(f"stored tokens per anatomy text (prep.text_len): {stored}")
     for a, n in zip(anatomies, parse(spec, anatomies, stored) or [stored] * len(anatomies)):
         s = stats["anatomy_text_tokens_by_anatomy"][a]

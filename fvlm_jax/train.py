@@ -58,15 +58,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
 
 
-def _embed(model: FVLM, batch: dict, method: str, text_lengths=None):
+def _embed(model: FVLM, batch: dict, method: str, lengths=None):
     """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A].
-    text_lengths: tokens per anatomy text (fVLM; None = all stored tokens), see fvlm_jax.text_lengths."""
+    lengths: tokens per anatomy text (fVLM; None = all stored tokens), see fvlm_jax.text_lengths."""
     image = batch["image"].astype(jnp.float32) / 255.0
     img, _, intact = model.encode_image(image, batch["labels"])
     if method == "clip":
         txt = model.encode_text(batch["report_tokens"])
     else:
-        txt = model.encode_anatomy_texts(batch["text_tokens"], text_lengths)
+        txt = model.encode_anatomy_texts(batch["text_tokens"], lengths)
     return img, txt, intact
 
 
@@ -90,15 +90,15 @@ def _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, me
 
 
 def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None,
-               text_lengths=None):
+               lengths=None):
     """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
-    img, txt, intact = _embed(model, batch, method, text_lengths)
+    img, txt, intact = _embed(model, batch, method, lengths)
     loss, per_anatomy = _loss_from_embeddings(img, txt, intact, model.temp(), batch, method, loss_cfg, mesh)
     return loss, {"per_anatomy": per_anatomy}
 
 
 def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
-                               batch_spec=None, text_lengths=None):
+                               batch_spec=None, lengths=None):
     """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
 
     Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
@@ -119,7 +119,7 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
     micro = jax.tree.map(split, batch)
 
     def embed(p, mb):
-        return _embed(nnx.merge(graphdef, p), mb, method, text_lengths)
+        return _embed(nnx.merge(graphdef, p), mb, method, lengths)
 
     img, txt, intact = jax.lax.map(lambda mb: embed(params, mb), micro)
     flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
