@@ -9,7 +9,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fvlm_jax import config_checks, stages, train
+from fvlm_jax import config_checks, layout, stages, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where records, checkpoints, results and exports go.")
@@ -42,10 +42,10 @@ def main(argv):
     steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
              "export": stages.run_export}
     for name, fn in steps.items():
-        if mode == "all" and name == "prepare" and _DISTRIBUTED.value and stages.is_prepared(workdir):
+        if mode == "all" and name == "prepare" and _DISTRIBUTED.value and layout.is_prepared(workdir):
             # Prepare runs on one machine; a multi-host "all" trains, evaluates and exports the records it made.
             log.info("prepare skipped: %s holds prepared records (run --mode=prepare without --distributed to "
-                     "prepare again)", stages.records_dir(workdir))
+                     "prepare again)", layout.records_dir(workdir))
             continue
         if mode in (name, "all"):
             t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import preset_config  # noqa: E402  (the presets of the train-step benchmark)
 
-from fvlm_jax import evaluate, synthetic, train  # noqa: E402
+from fvlm_jax import evaluate, synthetic, train_state  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     cfg = preset_config(args.preset)
     if args.dtype:
         cfg.model.dtype = args.dtype
-    encoder = evaluate.image_encoder(train.create_model(cfg, "fvlm"))
+    encoder = evaluate.image_encoder(train_state.create_model(cfg, "fvlm"))
     # Evaluation's input form: plain uint8 labels. A few distinct batches, reused (host arrays, as tf.data gives).
     distinct = [synthetic.random_batch(cfg, args.batch, seed=i) for i in range(min(args.batches, 3))]
     for b in distinct:

@@ -28,7 +28,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import preset_config  # noqa: E402  (the presets of the train-step benchmark)
 
-from fvlm_jax import synthetic, train  # noqa: E402
+from fvlm_jax import sharding, synthetic, train  # noqa: E402
 from fvlm_jax.prefetch import prefetch  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main():
     if args.dtype:
         cfg.model.dtype = args.dtype
     cfg.train.batch_size = args.batch
-    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
     batches = [synthetic.random_batch(cfg, args.batch, seed=i, packed=True) for i in range(2)]
     mib = sum(v.nbytes for v in batches[0].values()) / 2**20
     print(f"{jax.devices()[0].device_kind}: preset {args.preset}, batch {args.batch} ({mib:.0f} MiB on the host), "

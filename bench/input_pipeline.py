@@ -77,14 +77,13 @@ def make_volume(rng, shape):
 
 
 def write_ours(folder, k, rng, encoding):
-    from fvlm_jax import augment
-    from input_pipeline import records
+    from input_pipeline import label_packing, records
     os.makedirs(folder, exist_ok=True)
     spec = records.features(4, 18, 128, 512, 16, encoding)
     w = records.ShardedWriter(folder, "train", 4, spec)
     for i in range(k):
         _, image, labels = make_volume(rng, STORED_ZYX)
-        w.write({"id": f"synthetic_{i}", "image": image, "labels_packed": augment.pack_labels(labels, 2),
+        w.write({"id": f"synthetic_{i}", "image": image, "labels_packed": label_packing.pack_labels(labels, 2),
                  "text_tokens": rng.integers(0, 1000, (4, 128), dtype=np.int32), "has_text": np.ones(4, bool),
                  "normal": rng.random(4) < 0.5, "disease": rng.random((4, 18)) < 0.1,
                  "text_id": np.arange(4, dtype=np.int32), "report_tokens": rng.integers(0, 1000, 512, dtype=np.int32),

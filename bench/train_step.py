@@ -19,8 +19,9 @@ import jax
 import numpy as np
 
 from configs import ct_rate, demo
-from fvlm_jax import flops, synthetic, text_lengths, train
+from fvlm_jax import flops, sharding, synthetic, text_lengths, train
 from fvlm_jax.models import transformer
+from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
@@ -42,7 +43,7 @@ def preset_config(name: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=("small", "demo", "paper"), default="small")
-    ap.add_argument("--method", choices=train.METHODS, default="fvlm")
+    ap.add_argument("--method", choices=METHODS, default="fvlm")
     ap.add_argument("--batch", type=int, default=4, help="global batch")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
@@ -100,11 +101,11 @@ def main():
         cfg.prep.text_len = args.text_len
     if args.anatomy_len is not None:
         cfg.model.text.anatomy_len = args.anatomy_len
-    elif text_lengths.is_percentile(cfg.model.text.get("anatomy_len", "")) or args.text_len:
+    elif text_lengths.is_percentile(cfg.model.text.anatomy_len) or args.text_len:
         cfg.model.text.anatomy_len = ""  # no records statistics here (or a changed stored length)
     cfg.train.batch_size = args.batch
     if args.ahead is None:
-        args.ahead = int(cfg.data.get("prefetch_to_device", 2))
+        args.ahead = int(cfg.data.prefetch_to_device)
     cfg.train.grad_accum_steps = args.grad_accum
     cfg.loss.impl = args.loss_impl
     if args.attention:
@@ -113,7 +114,7 @@ def main():
     kind = dev.device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
-    trainer = train.Trainer(cfg, args.method, train.make_mesh(cfg))
+    trainer = train.Trainer(cfg, args.method, sharding.make_mesh(cfg))
     # The training input's form: packed labels and flips, finished on the device inside the step.
     batches = [synthetic.random_batch(cfg, args.batch, seed=i, packed=True) for i in range(2)]
     if args.memory_only:

@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.block_files = 8
     c.data.reconstructions = "one_per_epoch"  # the reference: one sample = one scan with a random reconstruction
     # Record files read at once. One reader thread bounds the stream at its speed (about 70 volumes/s on a 2-core
-    # host), while one GPU trains about 300 volumes/s at the paper's size (README). 4 cost about 1 GiB more host
-    # memory (bench/input_pipeline.py --threads 2 --pipelines ours_none,ours_none_parallel_reads).
+    # host), while one GPU trains about 300 volumes/s at the paper's size (docs/benchmarks.md). 4 cost about
+    # 0.75 GiB more host memory (bench/input_pipeline.py --threads 2 --pipelines ours_none,ours_none_parallel_reads).
     c.data.parallel_reads = 4
 
     c.prep.anatomies = ANATOMIES
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and
     # remat (nothing_saveable) made the step 2.2x slower (57.9 -> 126.6 ms, both with the batch copied in the loop;
-    # README "Train-step speed"). Where the attention is XLA's (TPU), the [B, H, N, N] logits are kept: XLA:CPU's
+    # docs/benchmarks.md). Where the attention is XLA's (TPU), the [B, H, N, N] logits are kept: XLA:CPU's
     # memory analysis estimates 34.6 GiB without remat and 28.8 GiB with it at 14 volumes per device (GELU
     # recomputed); with less memory than that, set model.remat=True and train.grad_accum_steps=2 (17.3 GiB).
     c.model.remat = False

@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.decomposition_dir = ""  # folder with fVLM's desc_info.json / conc_info.json (empty: built-in splitter)
     c.data.workers = 2
     # "local": a process pool of data.workers on this machine. "beam": the image work as an Apache Beam pipeline
-    # with the pipeline options in data.beam_options (see README, "Preparing on a cluster").
+    # with the pipeline options in data.beam_options (docs/data.md, "Apache Beam").
     c.data.runner = "local"
     c.data.beam_options = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
     # Training order: each epoch takes the record files in a seeded random order, data.block_files at a time,
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # epoch (scans are grouped by CT-RATE's volume names, train_1_a_1 and train_1_a_2 -> train_1_a).
     c.data.reconstructions = "all"
     # Record files of a block read at once (tf.data's deterministic parallel interleave; -1: AUTOTUNE). 1 reads
-    # them one record after another in one thread; configs/ct_rate.py reads 4 (README "Benchmarks").
+    # them one record after another in one thread; configs/ct_rate.py reads 4 (docs/benchmarks.md).
     c.data.parallel_reads = 1
     # Batches copied to the devices ahead of the training step (or evaluation batch) that uses them, in a background
     # thread (0: in the loop). At the paper's size on one H200, in one run of bench/feed_check.py, a step took 58.6 ms
@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size=c.prep.get_ref("vocab_size"), max_len=256, width=64, depth=2, heads=4, mlp_dim=256,
         # Tokens per anatomy text: the 95th percentile of each anatomy's demo texts, rounded up to a multiple of 8,
-        # as `python -m fvlm_jax.text_lengths <workdir> p95` prints it from records/stats.json ("p95" here would
+        # as `python -m fvlm_jax.tools.text_lengths <workdir> p95` prints it from records/stats.json ("p95" here would
         # take it from there at train time; written out, the config also runs without prepared records). 352
         # tokens per volume, against 7 x 48 = 336 at one length of 48, which cut 34 % of the lung texts.
         anatomy_len="aorta=40,esophagus=32,heart=56,kidney=32,liver=48,lung=112,spleen=32"))
@@ -162,4 +162,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.tasks = TASKS
     c.eval.batch_size = 32
+
+    if arg == "tiny":  # the tests' shared config (configs/demo.py:tiny): seconds per stage on a 2-core CPU
+        c.data.update(num_train=32, num_valid=12, num_test=12, num_shards=2)
+        c.train.update(batch_size=8, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)
+        c.model.vision.width = c.model.text.width = c.model.embed_dim = 32
+        c.model.text.anatomy_len = ""  # one text-encoder call: half the compile time (tests/test_text_lengths.py
+        # covers the per-anatomy lengths)
+    elif arg:
+        raise ValueError(f"configs/demo.py:{arg}: unknown variant (the one variant is 'tiny')")
     return c

@@ -6,8 +6,8 @@ import jax
 import ml_collections
 
 from fvlm_jax import sharding, text_lengths
+from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
-from fvlm_jax.train import METHODS
 
 MODES = ("prepare", "train", "eval", "export", "all")
 
@@ -29,7 +29,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"model.vision.feature_blocks {tuple(v.feature_blocks)} must lie in [1, {v.depth}]")
     if max(cfg.prep.text_len, cfg.prep.report_len) > m.text.max_len:
         errors.append(f"prep.text_len / prep.report_len exceed model.text.max_len={m.text.max_len}")
-    spec = str(m.text.get("anatomy_len", "") or "")
+    spec = str(m.text.anatomy_len or "")
     if spec and not text_lengths.is_percentile(spec):
         try:
             text_lengths.parse(spec, cfg.prep.anatomies, cfg.prep.text_len)
@@ -57,15 +57,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
-    if cfg.data.get("reconstructions", "all") not in ("all", "one_per_epoch"):
+    if cfg.data.reconstructions not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")
-    if (reads := cfg.data.get("parallel_reads", 1)) != -1 and reads < 1:
+    if (reads := cfg.data.parallel_reads) != -1 and reads < 1:
         errors.append(f"data.parallel_reads={reads}: a count >= 1, or -1 for tf.data's AUTOTUNE")
-    if cfg.data.get("block_files", 8) < 1 or cfg.data.shuffle_buffer < 1:
+    if cfg.data.block_files < 1 or cfg.data.shuffle_buffer < 1:
         errors.append("data.block_files and data.shuffle_buffer must be >= 1")
-    if cfg.data.get("runner", "local") not in ("local", "beam"):
+    if cfg.data.runner not in ("local", "beam"):
         errors.append(f"data.runner={cfg.data.runner!r}: choose 'local' or 'beam'")
-    if cfg.prep.get("volume_encoding", "none") not in ("none", "zlib"):
+    if cfg.prep.volume_encoding not in ("none", "zlib"):
         errors.append(f"prep.volume_encoding={cfg.prep.volume_encoding!r}: choose 'none' or 'zlib'")
     if cfg.prep.hu_window[0] >= cfg.prep.hu_window[1]:
         errors.append(f"prep.hu_window {tuple(cfg.prep.hu_window)} must be (low, high) with low < high")
@@ -77,16 +77,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append("data.source='ct_rate' needs data.root (the folder holding dataset/, radiology_text_reports/...)")
     if cfg.data.source == "manifest" and not str(cfg.data.root).endswith(".jsonl"):
         errors.append("data.source='manifest' needs data.root = the path of a .jsonl manifest")
-    if cfg.model.get("remat_policy", "nothing_saveable") not in dir(jax.checkpoint_policies):
+    if cfg.model.remat_policy not in dir(jax.checkpoint_policies):
         errors.append(f"model.remat_policy={cfg.model.remat_policy!r} is not a jax.checkpoint_policies name")
-    if cfg.model.get("attention", "auto") not in ATTENTION_IMPLS:
+    if cfg.model.attention not in ATTENTION_IMPLS:
         errors.append(f"model.attention={cfg.model.attention!r}: choose one of {ATTENTION_IMPLS}")
-    if cfg.loss.get("impl", "gspmd") not in ("gspmd", "shard_map"):
+    if cfg.loss.impl not in ("gspmd", "shard_map"):
         errors.append(f"loss.impl={cfg.loss.impl!r}: choose 'gspmd' or 'shard_map'")
-    accum = cfg.train.get("grad_accum_steps", 1)
+    accum = cfg.train.grad_accum_steps
     if accum < 1 or cfg.train.batch_size % accum:
         errors.append(f"train.grad_accum_steps={accum} must be >= 1 and divide train.batch_size={cfg.train.batch_size}")
-    if cfg.mesh.get("fsdp", 1) < 1 or cfg.mesh.get("tensor", 1) < 1 or cfg.mesh.data == 0 or cfg.mesh.data < -1:
+    if cfg.mesh.fsdp < 1 or cfg.mesh.tensor < 1 or cfg.mesh.data == 0 or cfg.mesh.data < -1:
         errors.append("mesh.fsdp and mesh.tensor must be >= 1, mesh.data >= 1 or -1 (all remaining devices)")
     try:
         sharding.rules_dict(cfg.sharding.rules)

@@ -43,12 +43,12 @@ def train_step_flops(cfg: ml_collections.ConfigDict, batch_size: int, method: st
     m, v, t = cfg.model, cfg.model.vision, cfg.model.text
     n_img = math.prod(i // p for i, p in zip(m.input_zyx, v.patch_zyx))
     vis = transformer_flops(n_img, v.width, v.depth, v.mlp_dim)
-    stem = stem_flops(m.input_zyx, v.patch_zyx, tuple(v.get("stem_channels", ())), v.width)
+    stem = stem_flops(m.input_zyx, v.patch_zyx, tuple(v.stem_channels), v.width)
     n_anat = len(cfg.prep.anatomies)
     if method == "clip":
         lengths = [text_tokens or cfg.prep.report_len]
     else:
-        spec = str(t.get("anatomy_len", "") or "")
+        spec = str(t.anatomy_len or "")
         per_anatomy = None if text_tokens or text_lengths.is_percentile(spec) else text_lengths.parse(
             spec, cfg.prep.anatomies, cfg.prep.text_len)
         lengths = per_anatomy or [text_tokens or cfg.prep.text_len] * n_anat

@@ -88,7 +88,7 @@ def logical_to_spec(names: Sequence[str | None], rules, shape: Sequence[int] | N
 
 def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The (data, fsdp, tensor) mesh of cfg.mesh; data = -1 takes the devices the other axes leave."""
-    fsdp, tensor = int(cfg.mesh.get("fsdp", 1)), int(cfg.mesh.get("tensor", 1))
+    fsdp, tensor = int(cfg.mesh.fsdp), int(cfg.mesh.tensor)
     n_dev = jax.device_count()
     if fsdp < 1 or tensor < 1 or n_dev % (fsdp * tensor):
         raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {n_dev} visible devices")

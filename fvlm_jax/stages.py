@@ -1,18 +1,10 @@
-"""The stages behind `run.py --mode`: prepare, train, eval, export. Workdir layout:
-
-  raw/        the generated demo data set (data.source = "demo")
-  records/    prepared TFRecords (tfds folder), tokenizer.model, manifest.json, stats.json, rejects.jsonl
-  train/      fVLM checkpoints/, metrics.jsonl and tensorboard/ (event files, with train.tensorboard)
-  clip/train/ the whole-volume CLIP baseline, same layout
-  eval/       <method>.json zero-shot results, auc.png, training.png;  summary.json at the top
-  export/<method>/  self-contained inference folders (fvlm_jax.export.Predictor)
+"""The stages behind `run.py --mode`: prepare, train, eval, export (the workdir layout: fvlm_jax.workdir).
 
 TensorFlow is imported only by the stages that read records (prepare, train, eval).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -22,42 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from fvlm_jax import evaluate, export, plots, text_lengths, train
+from fvlm_jax import checkpoint, evaluate, export, plots, sharding, text_lengths, train
+from fvlm_jax.layout import load_manifest, load_stats, read_json, records_dir, train_dir
 
 log = logging.getLogger(__name__)
-
-
-def train_dir(workdir: str, method: str) -> str:
-    return os.path.join(workdir, "train") if method == "fvlm" else os.path.join(workdir, method, "train")
-
-
-def records_dir(workdir: str) -> str:
-    return os.path.join(workdir, "records")
-
-
-def _manifest_path(workdir: str) -> str:
-    return os.path.join(records_dir(workdir), "manifest.json")
-
-
-def is_prepared(workdir: str) -> bool:
-    """Whether `--mode=prepare` finished in this workdir (it writes the manifest last)."""
-    return os.path.exists(_manifest_path(workdir))
-
-
-def load_manifest(workdir: str) -> dict:
-    path = _manifest_path(workdir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run --mode=prepare first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -73,7 +33,7 @@ def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         done = os.path.join(raw, "DONE")
         params = {"num_train": cfg.data.num_train, "num_valid": cfg.data.num_valid, "num_test": cfg.data.num_test,
                   "seed": cfg.seed}
-        if _read_json(done) != params:  # missing, or generated with other counts or seed
+        if read_json(done) != params:  # missing, or generated with other counts or seed
             if os.path.exists(raw):
                 shutil.rmtree(raw)
             log.info("generating the demo data set in %s", raw)
@@ -85,31 +45,20 @@ def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     return manifest
 
 
-def _check_vocab(cfg, manifest):
-    if manifest["vocab_size"] > cfg.model.text.vocab_size:
-        raise ValueError(f"the tokenizer has {manifest['vocab_size']} pieces but model.text.vocab_size is "
-                         f"{cfg.model.text.vocab_size}")
-
-
 def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     from input_pipeline import tfdata
 
-    manifest = load_manifest(workdir)
-    _check_vocab(cfg, manifest)
-    if manifest["anatomies"] != list(cfg.prep.anatomies):
-        raise ValueError(f"records were prepared for anatomies {manifest['anatomies']}, config has "
-                         f"{list(cfg.prep.anatomies)}: prepare again")
+    cfg, _ = prepared_config(cfg, workdir)
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} hosts")
     local_batch = cfg.train.batch_size // jax.process_count()
-    cfg = resolve_anatomy_text_len(cfg, manifest, _read_json(os.path.join(records_dir(workdir), "stats.json")))
 
     def batches(start_step):
         return tfdata.train_batches(
             records_dir(workdir), cfg.data.train_split, batch_size=local_batch, size_zyx=cfg.model.input_zyx,
             flip_prob=cfg.train.flip_prob, seed=cfg.seed, start_step=start_step,
-            shuffle_buffer=cfg.data.shuffle_buffer, block_files=cfg.data.get("block_files", 8),
-            reconstructions=cfg.data.get("reconstructions", "all"), parallel_reads=cfg.data.get("parallel_reads", 1),
+            shuffle_buffer=cfg.data.shuffle_buffer, block_files=cfg.data.block_files,
+            reconstructions=cfg.data.reconstructions, parallel_reads=cfg.data.parallel_reads,
             process_index=jax.process_index(),
             process_count=jax.process_count())
 
@@ -117,33 +66,24 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         train.train(cfg, method, train_dir(workdir, method), batches)
 
 
-def resolve_anatomy_text_len(cfg: ml_collections.ConfigDict, manifest: dict, stats: dict | None):
-    """cfg with model.text.anatomy_len as explicit lengths ("lung=112,..."; a percentile there is taken from the
-    records' stats.json), checked against the stored text length; logs what each anatomy gets."""
-    spec = str(cfg.model.text.get("anatomy_len", "") or "").strip()
-    if not spec:
-        return cfg
-    stored = int(manifest.get("text_len", cfg.prep.text_len))
-    if stored != cfg.prep.text_len:
-        raise ValueError(f"records hold {stored} tokens per anatomy text, config has prep.text_len="
-                         f"{cfg.prep.text_len}: prepare again or set it back")
-    explicit = text_lengths.from_stats(spec, cfg.prep.anatomies, stored, stats) if text_lengths.is_percentile(
-        spec) else spec
-    lengths = text_lengths.parse(explicit, cfg.prep.anatomies, stored)
-    by_anatomy = (stats or {}).get("anatomy_text_tokens_by_anatomy", {})
-    log.info("tokens per anatomy text (model.text.anatomy_len=%r; stored %d): %s", spec, stored, ", ".join(
-        f"{a} {n}" + (f" (p95 {by_anatomy[a]['p95']:.0f})" if a in by_anatomy else "")
-        for a, n in zip(cfg.prep.anatomies, lengths or [stored] * len(cfg.prep.anatomies))))
-    cfg = copy.deepcopy(cfg)
-    cfg.model.text.anatomy_len = explicit
-    return cfg
+def prepared_config(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """(cfg checked against the prepared records, with model.text.anatomy_len resolved; the manifest). Train, eval
+    and export all start here, so they agree on anatomies, vocabulary and text lengths."""
+    manifest = load_manifest(workdir)
+    if manifest["vocab_size"] > cfg.model.text.vocab_size:
+        raise ValueError(f"the tokenizer has {manifest['vocab_size']} pieces but model.text.vocab_size is "
+                         f"{cfg.model.text.vocab_size}")
+    if manifest["anatomies"] != list(cfg.prep.anatomies):
+        raise ValueError(f"records were prepared for anatomies {manifest['anatomies']}, config has "
+                         f"{list(cfg.prep.anatomies)}: prepare again")
+    return text_lengths.resolve(cfg, manifest, load_stats(workdir)), manifest
 
 
 def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     from input_pipeline import tfdata
     from input_pipeline.tokenizer import Tokenizer
 
-    manifest = load_manifest(workdir)
+    cfg, manifest = prepared_config(cfg, workdir)
     rdir = records_dir(workdir)
     tok = Tokenizer(os.path.join(rdir, manifest["tokenizer"]))
     anatomies = manifest["anatomies"]
@@ -157,9 +97,9 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     prompts = tok.encode([p for t in tasks for p in (t[2], t[3])], cfg.prep.text_len).reshape(len(tasks), 2, -1)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     summary, results = {}, {}
-    mesh = train.make_mesh(cfg)
+    mesh = sharding.make_mesh(cfg)
     for method in cfg.train.methods:
-        model = train.restore_params(cfg, method, train_dir(workdir, method))
+        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh)
         index = [0 if method == "clip" else anatomies.index(t[0]) for t in tasks]
         prompt_emb = evaluate.prompt_embeddings(model, prompts)
         temp = float(model.temp())
@@ -203,11 +143,12 @@ def results_table(summary: dict) -> str:
 def run_export(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     from input_pipeline.totalseg_classes import CLASS_TABLES
 
-    manifest = load_manifest(workdir)
+    cfg, manifest = prepared_config(cfg, workdir)
     tok_path = os.path.join(records_dir(workdir), manifest["tokenizer"])
+    mesh = sharding.make_mesh(cfg)
     out = []
     for method in cfg.train.methods:
-        model = train.restore_params(cfg, method, train_dir(workdir, method))
+        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh)
         out.append(export.export(model, method, cfg, tok_path, CLASS_TABLES[cfg.prep.class_table],
                                  os.path.join(workdir, "export", method)))
         log.info("exported %s to %s", method, out[-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from fvlm_jax import augment
+from input_pipeline import label_packing
 
 
 def random_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0, packed: bool = False) -> dict:
@@ -38,7 +38,7 @@ def random_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0,
         "report_tokens": rng.integers(4, vocab, (batch_size, r_len), dtype=np.int32),
     }
     if packed:  # drawn last: the other arrays are those of packed=False
-        batch["labels_packed"] = augment.pack_labels(batch.pop("labels"), augment.packing_factor(a))
+        batch["labels_packed"] = label_packing.pack_labels(batch.pop("labels"), label_packing.packing_factor(a))
         batch["label_shift"] = np.zeros(batch_size, np.int32)
         batch["flip"] = rng.random((batch_size, 3)) < 0.2
     return batch

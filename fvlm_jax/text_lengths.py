@@ -8,7 +8,8 @@ anatomy that the model cuts the stored tokens to before the text encoder (one en
   ""                        every anatomy at prep.text_len (no cut)
   "p90", "p95", "p99", "p100"
                             that percentile of each anatomy's token counts in records/stats.json, rounded up to a
-                            multiple of 8 and at most the stored length (`run_train` resolves it)
+                            multiple of 8 and at most the stored length (`resolve` turns it into explicit
+                            lengths when the stages load the prepared records)
   "lung=112,heart=56"       explicit lengths; anatomies not named keep the stored length
 
 A cut text ends in [EOS] at its last position, exactly as the tokenizer writes a text truncated at that length.
@@ -16,8 +17,14 @@ A cut text ends in [EOS] at its last position, exactly as the tokenizer writes a
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Sequence
+
+import ml_collections
+
+log = logging.getLogger(__name__)
 
 PERCENTILES = ("p90", "p95", "p99", "p100")
 MULTIPLE = 8
@@ -35,7 +42,7 @@ def parse(spec: str, anatomies: Sequence[str], stored_len: int) -> tuple[int, ..
         return None
     if is_percentile(spec):
         raise ValueError(f"model.text.anatomy_len={spec!r} is taken from records/stats.json when run.py trains "
-                         "(stages.resolve_anatomy_text_len); without prepared records give explicit lengths, e.g. "
+                         "(text_lengths.resolve); without prepared records give explicit lengths, e.g. "
                          "'lung=112,heart=56', or '' for all at prep.text_len")
     lengths = dict.fromkeys(anatomies, stored_len)
     for item in spec.split(","):
@@ -82,32 +89,23 @@ def groups(lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
     return sorted(by_len.items())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """python -m fvlm_jax.text_lengths WORKDIR [p95]: each anatomy's token counts in WORKDIR/records/stats.json and
-    the explicit model.text.anatomy_len that the percentile gives."""
-    import argparse
-    import os
-
-    from fvlm_jax import stages
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("workdir")
-    ap.add_argument("percentile", nargs="?", default="p95", choices=PERCENTILES)
-    args = ap.parse_args(argv)
-    try:
-        manifest = stages.load_manifest(args.workdir)
-        stats = stages._read_json(os.path.join(stages.records_dir(args.workdir), "stats.json"))
-        anatomies, stored = manifest["anatomies"], int(manifest["text_len"])
-        spec = from_stats(args.percentile, anatomies, stored, stats)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    print(f"stored tokens per anatomy text (prep.text_len): {stored}")
-    for a, n in zip(anatomies, parse(spec, anatomies, stored) or [stored] * len(anatomies)):
-        s = stats["anatomy_text_tokens_by_anatomy"][a]
-        print(f"  {a:<12} p50 {s['p50']:5.0f}  p95 {s['p95']:5.0f}  p99 {s['p99']:5.0f}  max {s['p100']:5.0f}"
-              f"  -> {n}")
-    print(f'model.text.anatomy_len="{spec}"')
-
-
-if __name__ == "__main__":
-    main()
+def resolve(cfg: ml_collections.ConfigDict, manifest: dict, stats: dict | None) -> ml_collections.ConfigDict:
+    """cfg with model.text.anatomy_len as explicit lengths ("lung=112,..."; a percentile there is taken from the
+    records' stats.json), checked against the stored text length; logs what each anatomy gets. Training,
+    evaluation and export all call it, so they encode texts at the same lengths."""
+    spec = str(cfg.model.text.anatomy_len or "").strip()
+    if not spec:
+        return cfg
+    stored = int(manifest.get("text_len", cfg.prep.text_len))
+    if stored != cfg.prep.text_len:
+        raise ValueError(f"records hold {stored} tokens per anatomy text, config has prep.text_len="
+                         f"{cfg.prep.text_len}: prepare again or set it back")
+    explicit = from_stats(spec, cfg.prep.anatomies, stored, stats) if is_percentile(spec) else spec
+    lengths = parse(explicit, cfg.prep.anatomies, stored)
+    by_anatomy = (stats or {}).get("anatomy_text_tokens_by_anatomy", {})
+    log.info("tokens per anatomy text (model.text.anatomy_len=%r; stored %d): %s", spec, stored, ", ".join(
+        f"{a} {n}" + (f" (p95 {by_anatomy[a]['p95']:.0f})" if a in by_anatomy else "")
+        for a, n in zip(cfg.prep.anatomies, lengths or [stored] * len(cfg.prep.anatomies))))
+    cfg = copy.deepcopy(cfg)
+    cfg.model.text.anatomy_len = explicit
+    return cfg

@@ -1,4 +1,6 @@
-"""Training: model and optimizer creation, the jitted sharded train step, checkpoints, metrics, the loop.
+"""Training: the Trainer (mesh, sharded state, the jitted step), and the loop (resume, preemption, non-finite stop,
+metrics). The step itself is `train_step.train_step`, the state `train_state`, checkpoints `checkpoint`, logging
+`train_log`.
 
 TensorFlow-free: batches arrive as numpy dicts from any iterator (tf.data in `input_pipeline.tfdata`, or the
 synthetic batches of the benchmarks).
@@ -6,6 +8,7 @@ synthetic batches of the benchmarks).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,208 +18,43 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from fvlm_jax import augment, losses, sharding, text_lengths
+from fvlm_jax import checkpoint, sharding, text_lengths, train_log, train_state
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.prefetch import prefetch
-from fvlm_jax.sharding import make_mesh  # noqa: F401  (re-exported: train.make_mesh(cfg))
+from fvlm_jax.train_step import train_step
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fvlm", "clip")
-
-
-def create_model(cfg: ml_collections.ConfigDict, method: str, seed: int | None = None) -> FVLM:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    seed = cfg.seed if seed is None else seed
-    return FVLM(cfg.model, len(cfg.prep.anatomies), global_pool=method == "clip", rngs=nnx.Rngs(seed))
-
-
-def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    t = cfg.train
-    return optax.warmup_cosine_decay_schedule(t.init_learning_rate, t.learning_rate, t.warmup_steps,
-                                              max(t.steps, t.warmup_steps + 1), t.end_learning_rate)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    # Decay only on arrays of rank >= 2 (weight matrices, embeddings, queries); not on biases, norms, temperature.
-    adamw = optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, weight_decay=cfg.train.weight_decay,
-                        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-    clip = cfg.train.get("grad_clip_norm", 0.0)
-    # At temperature 0.07 the first gradients are ~100x later ones; unclipped they throw a small model into the
-    # collapsed state (all embeddings equal, uniform logits) that the normal-pair targets make slow to leave.
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
-
-
-def _embed(model: FVLM, batch: dict, method: str, lengths=None):
-    """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A].
-    lengths: tokens per anatomy text (fVLM; None = all stored tokens), see fvlm_jax.text_lengths."""
-    image = batch["image"].astype(jnp.float32) / 255.0
-    img, _, intact = model.encode_image(image, batch["labels"])
-    if method == "clip":
-        txt = model.encode_text(batch["report_tokens"])
-    else:
-        txt = model.encode_anatomy_texts(batch["text_tokens"], lengths)
-    return img, txt, intact
-
-
-def _loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
-    """The contrastive loss of the global batch from its embeddings. Returns (loss, per-anatomy losses)."""
-    with jax.named_scope("loss"):
-        return _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, mesh)
-
-
-def _contrastive_loss(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
-    if method == "clip":
-        return losses.clip_loss(img[:, 0], txt, temperature=temperature), jnp.zeros((0,))
-    kw = dict(valid=(intact & batch["has_text"]).T, normal=batch["normal"].T, text_id=batch["text_id"].T,
-              disease=jnp.swapaxes(batch["disease"], 0, 1), temperature=temperature,
-              normal_pairs=loss_cfg.normal_pairs, same_text_pairs=loss_cfg.same_text_pairs,
-              disease_pairs=loss_cfg.disease_pairs, return_per_anatomy=True)
-    img, txt = jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1)
-    if loss_cfg.get("impl", "gspmd") == "shard_map" and mesh is not None:
-        return losses.sharded_anatomy_contrastive_loss(img, txt, mesh=mesh, **kw)
-    return losses.anatomy_contrastive_loss(img, txt, **kw)
-
-
-def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None,
-               lengths=None):
-    """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
-    img, txt, intact = _embed(model, batch, method, lengths)
-    loss, per_anatomy = _loss_from_embeddings(img, txt, intact, model.temp(), batch, method, loss_cfg, mesh)
-    return loss, {"per_anatomy": per_anatomy}
-
-
-def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
-                               batch_spec=None, lengths=None):
-    """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
-
-    Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
-    2) the contrastive loss of the whole batch and its gradient with respect to the embeddings (and temperature);
-    3) per micro-batch, re-run the encoders under `jax.vjp` and pull the embedding gradient back to the
-    parameters, summing. Costs one extra forward pass; activation memory is that of one micro-batch.
-    """
-    b = batch["image"].shape[0]
-    if b % num_micro:
-        raise ValueError(f"batch {b} is not divisible into {num_micro} micro-batches")
-
-    def split(x):  # [B, ...] -> [M, B/M, ...]; micro-batch m takes rows m, M+m, ... so it spans every device
-        x = jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
-        if batch_spec is not None:
-            x = jax.lax.with_sharding_constraint(x, P(None, *batch_spec))
-        return x
-
-    micro = jax.tree.map(split, batch)
-
-    def embed(p, mb):
-        return _embed(nnx.merge(graphdef, p), mb, method, lengths)
-
-    img, txt, intact = jax.lax.map(lambda mb: embed(params, mb), micro)
-    flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
-
-    def head_loss(img, txt, p):
-        temp = nnx.merge(graphdef, p).temp()
-        return _loss_from_embeddings(img, txt, flat["intact"], temp, flat["micro"], method, loss_cfg, mesh)
-
-    (loss, per_anatomy), (g_img, g_txt, grads) = jax.value_and_grad(head_loss, argnums=(0, 1, 2), has_aux=True)(
-        flat["img"], flat["txt"], params)
-    g_img, g_txt = (g.reshape(num_micro, b // num_micro, *g.shape[1:]) for g in (g_img, g_txt))
-
-    def backward(acc, xs):
-        mb, gi, gt = xs
-        _, vjp = jax.vjp(lambda p: embed(p, mb)[:2], params)
-        return jax.tree.map(jnp.add, acc, vjp((gi, gt))[0]), None
-
-    grads, _ = jax.lax.scan(backward, grads, (micro, g_img, g_txt))
-    return (loss, {"per_anatomy": per_anatomy}), grads
-
-
-def _plain(tree):
-    """The tree with each nnx.State in it as the plain nested dict of its values (nnx.to_pure_dict)."""
-    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nnx.State))
-
 
 class Trainer:
-    """Holds the graph definition, the sharded state and the compiled step for one method.
-
-    The state (parameters, optimizer moments, step) is created inside `jax.jit` with the shardings that the
-    parameters' logical axis names and cfg.sharding.rules give, so with fsdp > 1 it is never whole on one device.
-    """
+    """Holds the graph definition, the sharded state and the compiled step for one method."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh):
         self.cfg, self.method, self.mesh = cfg, method, mesh
-        self.rules = tuple(cfg.get("sharding", {}).get("rules", sharding.DEFAULT_RULES))
-        self.tx = make_optimizer(cfg)
-        self.schedule = learning_rate_schedule(cfg)
-        tx = self.tx
-
-        # The state holds plain arrays (`nnx.to_pure_dict` of the parameters, and the optimizer state over those),
-        # not nnx.Variable objects: every step's call would otherwise rebuild one Python object per parameter and
-        # Adam moment from the outputs (930 of them at the paper's size: 5.4 ms of host time per step in an H200
-        # profile, where the step's call took 34-45 ms of a 45-48 ms step). nnx.merge takes the pure dict as it is.
-        def init():
-            params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
-            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-        # One abstract model gives the graph definition and the parameters' shapes and logical axes. The shardings
-        # come from the state in its nnx.Variable form (the optimizer moments carry their parameter's metadata) and
-        # are then laid out like the plain state; that form is also the layout of earlier checkpoints.
-        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
-        variable_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
-                          "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        variable_sharding = sharding.state_shardings(variable_state, mesh, self.rules)
-        self.state_sharding = _plain(variable_sharding)
-        self._variable_layout = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                             variable_state, variable_sharding)
+        self.rules = tuple(cfg.sharding.rules)
+        self.tx = train_state.make_optimizer(cfg)
+        self.schedule = train_state.learning_rate_schedule(cfg)
+        self.graphdef, self.state_sharding = train_state.state_shardings(cfg, method, self.tx, mesh)
         self.replicated = NamedSharding(mesh, P())
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
         with jax.set_mesh(mesh):
-            self.state = jax.jit(init, out_shardings=self.state_sharding)()
-
-        graphdef, loss_cfg, rules = self.graphdef, cfg.loss, self.rules
-        # Tokens per anatomy text (model.text.anatomy_len; a percentile there is resolved by stages.run_train).
-        self.text_lengths = lengths = text_lengths.parse(cfg.model.text.get("anatomy_len", ""),
-                                                         cfg.prep.anatomies, cfg.prep.text_len)
-        num_micro = int(cfg.train.get("grad_accum_steps", 1))
-        batch_spec = self.batch_spec
-
-        width = int(cfg.model.input_zyx[2])
-
-        def step_fn(state, batch):
-            with sharding.axis_rules(rules):
-                if "labels_packed" in batch:  # tf.data batches: unpack the labels and flip on the device
-                    with jax.named_scope("augment"):
-                        batch = augment.finish_on_device(batch, width)
-                if num_micro > 1:
-                    (loss, aux), grads = accumulated_value_and_grad(
-                        graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec, lengths)
-                else:
-                    def loss_fn(params):
-                        return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh, lengths)
-
-                    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.
-            with jax.named_scope("optimizer"):
-                updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-                params = optax.apply_updates(state["params"], updates)
-                metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                           "param_norm": optax.global_norm(params), **aux,
-                           "temperature": nnx.merge(graphdef, params).temp()}
-            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-        self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+            self.state = train_state.init_state(cfg, method, self.tx, self.state_sharding)
+        # Tokens per anatomy text (model.text.anatomy_len; a percentile there is resolved by the stages).
+        self.text_lengths = text_lengths.parse(cfg.model.text.anatomy_len, cfg.prep.anatomies, cfg.prep.text_len)
+        step = functools.partial(
+            train_step, graphdef=self.graphdef, tx=self.tx, method=method, loss_cfg=cfg.loss, rules=self.rules,
+            width=int(cfg.model.input_zyx[2]), num_micro=int(cfg.train.grad_accum_steps), mesh=mesh,
+            batch_spec=self.batch_spec, lengths=self.text_lengths)
+        self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
     @property
@@ -256,45 +94,26 @@ class Trainer:
             return (self.global_batch(b) for b in local_batches)
         return prefetch(local_batches, self.global_batch, ahead)
 
-    # Checkpoints -------------------------------------------------------------------------------------------
     def checkpoint_manager(self, directory: str) -> ocp.CheckpointManager:
-        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.train.keep_checkpoints, create=True)
-        return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+        return checkpoint.manager(directory, self.cfg.train.keep_checkpoints)
 
     def restore(self, mngr: ocp.CheckpointManager, step: int | None = None) -> bool:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
+        """Restore the state of `step` (default: the latest) in place; False when there is no checkpoint."""
+        state = checkpoint.restore(mngr, self.state, step)
+        if state is None:
             return False
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        try:
-            self.state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-        except ValueError:  # tree structures differ: maybe a checkpoint of the nnx.Variable layout
-            legacy = self._restore_variable_layout(mngr, step)
-            if legacy is None:
-                raise
-            log.info("restored a checkpoint of the earlier nnx.Variable layout (step %d)", step)
-            self.state = legacy
+        self.state = state
         return True
 
-    def _restore_variable_layout(self, mngr: ocp.CheckpointManager, step: int) -> dict | None:
-        """A checkpoint written before the state held plain arrays (its parameters and Adam moments were nnx.State
-        trees of nnx.Variable), restored and converted to the present layout; None if it is not one."""
-        try:
-            old = mngr.restore(step, args=ocp.args.StandardRestore(self._variable_layout))
-        except ValueError:
-            return None
-        new = _plain(old)
-        return new if jax.tree.structure(new) == jax.tree.structure(self.state) else None
-
     def save(self, mngr: ocp.CheckpointManager) -> None:
-        mngr.save(self.step, args=ocp.args.StandardSave(self.state))
+        checkpoint.save(mngr, self.step, self.state)
 
 
 class Preempted(Exception):
     """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint; rerun the same command."""
 
 
-class _PreemptionWatch:
+class PreemptionWatch:
     """A SIGTERM, which schedulers (SLURM, Kubernetes, cloud spot/preemptible VMs) send before killing a job, asks
     training to save at the next step boundary and stop.
 
@@ -324,46 +143,6 @@ class _PreemptionWatch:
             self._installed = False
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (and a line cut short by a kill), so a resumed log
-    has each step exactly once."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (json.JSONDecodeError, KeyError):
-                continue
-    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here leaves the old log whole
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def _tensorboard(cfg: ml_collections.ConfigDict, train_dir: str, start: int):
-    """A TensorBoard event writer in <train_dir>/tensorboard (tensorboardX: no TensorFlow in training).
-
-    It marks a restart at step start + 1, so TensorBoard drops the events of earlier runs from that step on (those
-    logged after the checkpoint this run resumes from, or a whole earlier run): each step shows once, as in
-    metrics.jsonl."""
-    if not cfg.train.get("tensorboard", False):
-        return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30, purge_step=start + 1)
-
-
-def _console(bar, method: str, row: dict, total: int, rate: float, batch_size: int, anatomies: list) -> None:
-    """One readable line per log interval: step, loss, per-anatomy losses, learning rate, volumes/s, ETA."""
-    eta = (total - row["step"]) * batch_size / rate if rate > 0 else float("nan")
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
-    parts = " ".join(f"{a} {row[f'loss/{a}']:.3f}" for a in anatomies if f"loss/{a}" in row)
-    bar.write(f"{method} step {row['step']}/{total}  loss {row['loss']:.4f}" + (f" ({parts})" if parts else "")
-              + f"  lr {row['learning_rate']:.2e}  {rate:.1f} vol/s  ETA {eta_s}")
-
-
 def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
           batches: Callable[[int], Iterator[dict]], *, progress: bool = True) -> Trainer:
     """Trains `method` for cfg.train.steps, resuming from the last checkpoint in `train_dir`.
@@ -372,7 +151,7 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     a resumed run sees the data an uninterrupted run would). Metrics go to <train_dir>/metrics.jsonl.
     """
     os.makedirs(train_dir, exist_ok=True)
-    mesh = make_mesh(cfg)
+    mesh = sharding.make_mesh(cfg)
     trainer = Trainer(cfg, method, mesh)
     mngr = trainer.checkpoint_manager(os.path.join(train_dir, "checkpoints"))
     metrics_path = os.path.join(train_dir, "metrics.jsonl")
@@ -380,7 +159,7 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     if trainer.restore(mngr):
         log.info("%s: resumed from step %d", method, trainer.step)
         if writer:
-            _truncate_metrics(metrics_path, trainer.step)
+            train_log.truncate_metrics(metrics_path, trainer.step)
     elif writer and os.path.exists(metrics_path):
         os.remove(metrics_path)
     total, start = cfg.train.steps, trainer.step
@@ -390,8 +169,8 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     anatomies = list(cfg.prep.anatomies)
     bar = tqdm(total=total, initial=start, desc=f"train {method}", disable=not progress or jax.process_index(),
                dynamic_ncols=True)
-    tb = _tensorboard(cfg, train_dir, start) if writer else None
-    preemption = _PreemptionWatch()
+    tb = train_log.tensorboard_writer(train_dir, start) if writer and cfg.train.tensorboard else None
+    preemption = PreemptionWatch()
     # With several processes, JAX's preemption sync point counts from the last step it was asked about; ask about
     # the resumed step now, so a notice during the first (compiling) step still stops the run at a step it reaches.
     preemption.reached(start, mngr)
@@ -413,7 +192,7 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
     the host's logging overlaps the device's work; a step that is saved (or stopped at) is fetched and checked
     before its state is saved, so a checkpoint never follows a non-finite step."""
     window = {"t": time.perf_counter(), "n": 0, "rate": float("nan")}
-    ahead = int(cfg.data.get("prefetch_to_device", 2))
+    ahead = int(cfg.data.prefetch_to_device)
     # Line-buffered: a kill can never leave a row that is only partly written, and rows reach the disk before the
     # checkpoint of their step does.
     with open(metrics_path, "a", buffering=1) if writer else open(os.devnull, "w") as metrics_file:
@@ -434,10 +213,7 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                 window["t"], window["n"] = time.perf_counter(), 0
             else:
                 window["n"] += cfg.train.batch_size
-            row = {"step": step, "loss": loss, "learning_rate": float(trainer.schedule(step - 1)),
-                   "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
-                   "temperature": float(metrics["temperature"])}
-            row.update({f"loss/{a}": float(v) for a, v in zip(anatomies, metrics["per_anatomy"])})
+            row = train_log.metrics_row(step, metrics, float(trainer.schedule(step - 1)), anatomies)
             metrics_file.write(json.dumps(row) + "\n")
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == total:
@@ -447,14 +223,9 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
                 rate = window["rate"]
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['learning_rate']:.1e}", vol_s=f"{rate:.1f}")
                 if writer:
-                    _console(bar, method, row, total, rate, cfg.train.batch_size, anatomies)
+                    bar.write(train_log.console_line(method, row, total, rate, cfg.train.batch_size, anatomies))
                     if tb is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                tb.add_scalar(k, v, step)
-                        if np.isfinite(rate):
-                            tb.add_scalar("volumes_per_s", rate, step)
-                        tb.flush()
+                        train_log.tensorboard_scalars(tb, row, rate)
 
         pending = None  # (step, metrics) dispatched but not yet fetched
 
@@ -504,12 +275,3 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
             raise
         finally:
             device_batches.close()
-
-
-def restore_params(cfg: ml_collections.ConfigDict, method: str, train_dir: str) -> FVLM:
-    """The model of the last checkpoint in <train_dir>/checkpoints (for evaluation and export)."""
-    trainer = Trainer(cfg, method, make_mesh(cfg))
-    mngr = trainer.checkpoint_manager(os.path.join(train_dir, "checkpoints"))
-    if not trainer.restore(mngr):
-        raise FileNotFoundError(f"no checkpoint in {train_dir}/checkpoints: run --mode=train first")
-    return trainer.model()

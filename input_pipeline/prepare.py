@@ -30,8 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fvlm_jax import augment
-from input_pipeline import ct_rate, preprocess, records, report_split, sources
+from input_pipeline import ct_rate, label_packing, preprocess, records, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -158,7 +157,8 @@ def run_beam(tasks: list, prep_kw: dict, options: str) -> None:
             lambda kv: log.info("beam: %d scans %s", kv[1], "preprocessed" if kv[0] else "rejected"))
 
 
-def _prep_kw(p) -> dict:
+def prep_kwargs(p) -> dict:
+    """The preprocessing arguments of cfg.prep (`p`) for `preprocess.process_scan`: the cache key is made of them."""
     return dict(class_table=CLASS_TABLES[p.class_table], anatomies=dict(p.anatomies),
                 spacing_xyz=tuple(p.spacing_xyz), hu_window=tuple(p.hu_window), margin_zyx=tuple(p.margin_zyx),
                 min_size_zyx=tuple(p.min_size_zyx))
@@ -188,7 +188,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     anatomies = list(p.anatomies)
     vocabulary = report_split.DEFAULT_VOCABULARY
     diseases = disease_list(anatomies, vocabulary)
-    strict = bool(cfg.data.get("strict", False))
+    strict = bool(cfg.data.strict)
     os.makedirs(out_dir, exist_ok=True)
     # The manifest, written last, marks finished records (`stages.is_prepared`): none until this run finishes.
     manifest_path = os.path.join(out_dir, "manifest.json")
@@ -216,7 +216,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             seen[s.id] = split
             scans[split].append(s)
 
-    decomposition_dir = cfg.data.get("decomposition_dir", "") or ""
+    decomposition_dir = cfg.data.decomposition_dir or ""
     desc, conc = sources.load_decomposition(decomposition_dir) if decomposition_dir else ({}, {})
     from_files = fallback = 0
     texts = {}
@@ -244,7 +244,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                  from_files, fallback)
 
     # 2. Images, through the cache.
-    prep_kw = _prep_kw(p)
+    prep_kw = prep_kwargs(p)
     key_kw = prep_kw | {"class_table": p.class_table}
     tasks, keys = [], {}
     for split in splits:
@@ -255,9 +255,9 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                 tasks.append((s, path, key))
     n_scans = sum(len(v) for v in scans.values())
     log.info("images: %d to preprocess, %d already in the cache", len(tasks), n_scans - len(tasks))
-    runner = cfg.data.get("runner", "local")
+    runner = cfg.data.runner
     if tasks and runner == "beam":
-        run_beam(tasks, prep_kw, cfg.data.get("beam_options", ""))
+        run_beam(tasks, prep_kw, cfg.data.beam_options)
     elif tasks:
         ctx = multiprocessing.get_context("spawn")
         workers = max(1, min(int(cfg.data.workers), len(tasks)))
@@ -300,8 +300,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
 
     # 4. Records, in input order, from the cache.
     spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns),
-                            p.get("volume_encoding", "none"))
-    k = augment.packing_factor(len(anatomies))
+                            p.volume_encoding)
+    k = label_packing.packing_factor(len(anatomies))
     split_infos, stats = [], {"splits": {}, "anatomies": anatomies}
     for split in splits:
         for old in glob.glob(os.path.join(out_dir, f"{records.DATASET_NAME}-{split}.{records.FILE_FORMAT}-*")):
@@ -323,7 +323,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             disease = np.array([[d in parts[a].diseases if a in parts else False for d in diseases]
                                 for a in anatomies], bool).reshape(len(anatomies), len(diseases))
             writer.write({
-                "id": s.id, "image": out["image"], "labels_packed": augment.pack_labels(out["labels"], k),
+                "id": s.id, "image": out["image"], "labels_packed": label_packing.pack_labels(out["labels"], k),
                 "text_tokens": tok.encode(row_texts, p.text_len), "has_text": has_text, "normal": normal,
                 "disease": disease,
                 "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),

@@ -22,8 +22,9 @@ def features(num_anatomies: int, num_diseases: int, text_len: int, report_len: i
     """The tfds feature spec of one prepared scan. Volumes are uint8 (window mapped to 0..255).
 
     `labels_packed` is the anatomy index map (0 background, a + 1 for anatomy a) bit-packed along x as
-    `fvlm_jax.augment.pack_labels` describes, with `augment.packing_factor(num_anatomies)` voxels per byte;
-    `augment.unpack_labels(ex["labels_packed"], k, ex["image"].shape[2])` restores it.
+    `input_pipeline.label_packing.pack_labels` describes, with `label_packing.packing_factor(num_anatomies)` voxels per
+    byte;
+    `label_packing.unpack_labels(ex["labels_packed"], k, ex["image"].shape[2])` restores it.
 
     volume_encoding "none" stores them as raw bytes (fastest input pipeline); "zlib" makes records about 2.8x
     smaller at about 4x the decoding CPU time (bench/input_pipeline.py). The choice is kept in the records'

@@ -77,7 +77,7 @@ def read_manifest(path: str) -> tuple[list[Scan], list[str], list[dict]]:
 
 def list_all(cfg, raw_root: str, splits: list[str]) -> tuple[dict[str, list[Scan]], list[str], list[dict]]:
     """{split: scans} of the configured source, the label columns, and the inputs rejected while listing."""
-    source = cfg.data.get("source", "ct_rate")
+    source = cfg.data.source
     if source == "manifest":
         listed, columns, rejects = read_manifest(raw_root)
         by_split = {s: [] for s in splits}
@@ -88,10 +88,10 @@ def list_all(cfg, raw_root: str, splits: list[str]) -> tuple[dict[str, list[Scan
                 rejects.append({"id": s.id, "split": s.split,
                                 "reason": f"split {s.split!r} is not one of the configured splits {splits}"})
         return by_split, columns, rejects
-    seg_root = cfg.data.get("segmentation_root", "") or None
+    seg_root = cfg.data.segmentation_root or None
     by_split, columns, rejects = {}, [], []
     for split in splits:
-        listed, cols, bad = ct_rate.list_split(raw_root, split, seg_root, cfg.data.get("use_metadata", True))
+        listed, cols, bad = ct_rate.list_split(raw_root, split, seg_root, cfg.data.use_metadata)
         by_split[split] = listed
         columns = columns or cols
         rejects += bad

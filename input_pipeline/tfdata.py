@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from fvlm_jax import augment
-from input_pipeline import records
+from input_pipeline import label_packing, records
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ TRAIN_KEYS = ("image", "labels_packed", "label_shift", "flip", "text_tokens", "h
 def random_crop(image, labels_packed, size_zyx, k: int, flip_prob: float, seed):
     """The host half of the training augmentation: one random crop of `size_zyx` and the flips to apply.
 
-    Crops the image exactly and the packed labels (`fvlm_jax.augment`: k voxels per byte along x) to the whole
-    bytes that cover the same window; volumes smaller than the crop are zero-padded first (along x by a multiple
+    Crops the image exactly and the packed labels (`input_pipeline.label_packing`: k voxels per byte along x) to the
+    whole bytes that cover the same window; volumes smaller than the crop are zero-padded first (along x by a multiple
     of k before, so packed bytes stay aligned). Returns (image [Z, Y, X], labels_packed [Z, Y, W], label_shift,
     flip [3] bool); `fvlm_jax.augment.finish_on_device` unpacks, aligns and flips on the accelerator, where a
     flip is nearly free (on the host each one is another pass over the volume).
@@ -102,7 +101,7 @@ def center_window(image, labels_packed, k: int, size_zyx):
     # Labels: rows cut and padded like the image's; along x, whole zero bytes in front, then the bytes of the window.
     lead = (tf.maximum(-start[2], 0) + k - 1) // k
     x0 = start[2] + lead * k  # the window's first voxel in the padded packed row (>= 0)
-    width = augment.packed_width(zyx[2], k)
+    width = label_packing.packed_width(zyx[2], k)
     labels_packed = labels_packed[src[0]:src[0] + n[0], src[1]:src[1] + n[1]]
     behind = tf.maximum(x0 // k + width - lead - tf.shape(labels_packed, out_type=tf.int32)[2], 0)
     labels_packed = tf.pad(labels_packed, [[before[0], pad[0] - before[0]], [before[1], pad[1] - before[1]],
@@ -111,11 +110,11 @@ def center_window(image, labels_packed, k: int, size_zyx):
     return tf.ensure_shape(image, zyx), tf.ensure_shape(labels_packed, [zyx[0], zyx[1], width]), x0 % k
 
 
-def label_packing(spec) -> int:
+def records_packing_factor(spec) -> int:
     """The packing factor of prepared records (from their anatomy count); a clear error for unpacked old ones."""
     if "labels_packed" not in spec.keys():
         raise ValueError("these records store unpacked labels (prepared by fvlm-jax < 0.2): run --mode=prepare again")
-    return augment.packing_factor(spec["text_tokens"].shape[0])
+    return label_packing.packing_factor(spec["text_tokens"].shape[0])
 
 
 def _epoch_perm(n_files: int, seed, epoch):
@@ -278,7 +277,7 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
     tune_malloc()
     info = records.load_builder(records_dir).info
     spec = info.features
-    k = label_packing(spec)  # first: a clear error for records too old to read
+    k = records_packing_factor(spec)  # first: a clear error for records too old to read
     decode_first = decodes_before_shuffle(spec) if decode == "auto" else decode == "before_shuffle"
     all_files = records.split_files(records_dir, split)
     files = all_files[process_index::process_count]
@@ -379,7 +378,7 @@ def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
     """The batches of `eval_batches` as a tf.data.Dataset (all TF ops: nothing to hang on at teardown)."""
     spec = records.load_builder(records_dir).info.features
     size_zyx = [int(s) for s in size_zyx]
-    k = label_packing(spec)
+    k = records_packing_factor(spec)
 
     def decode(serialized):
         ex = spec.deserialize_example(serialized)

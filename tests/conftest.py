@@ -1,30 +1,49 @@
+"""Shared test setup: JAX's persistent compilation cache for every test process, the tiny demo config, the
+prepared tiny demo workdir, and the real CTs in ../shared/data.
+
+Markers: `slow` (a test that takes more than a few seconds: subprocesses, CLI runs, training) is left out of the
+fast lane, `pytest -m "not slow"`.
+"""
+
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One compilation cache for this pytest run and every process it starts (CLI runs, multi-process tests): they
+# compile the same tiny programs many times. Set before JAX is imported. A fresh folder per run, removed at the end,
+# so a run's time never depends on an earlier run; FVLM_TEST_JAX_CACHE=<folder> keeps one across runs instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _keep = os.environ.get("FVLM_TEST_JAX_CACHE")
+    _cache = _keep or tempfile.mkdtemp(prefix="fvlm_jax_test_cache_")
+    if not _keep:
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from configs import demo
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real CTs live in ../shared/data beside the checkout; FVLM_SHARED_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TINY_CONFIG = f"--config={ROOT / 'configs' / 'demo.py'}:tiny"
 
-# A tiny demo configuration: seconds per stage on a 2-core CPU.
-TINY = [
-    "--config.data.num_train=32", "--config.data.num_valid=12", "--config.data.num_test=12",
-    "--config.data.num_shards=2", "--config.train.batch_size=8", "--config.train.steps=4",
-    "--config.train.warmup_steps=1", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-    "--config.model.vision.width=32", "--config.model.text.width=32", "--config.model.embed_dim=32",
-]
+
+def tiny_config():
+    """configs/demo.py:tiny, the tests' shared config (what the CLI tests run)."""
+    return demo.get_config("tiny")
 
 
 def run_cli(workdir, *args, timeout=900):
     """Runs the real CLI on the demo config; returns the CompletedProcess (asserting success)."""
-    cmd = [sys.executable, str(ROOT / "run.py"), f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={workdir}",
-           *TINY, *args]
+    cmd = [sys.executable, str(ROOT / "run.py"), TINY_CONFIG, f"--workdir={workdir}", *args]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"

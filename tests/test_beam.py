@@ -11,6 +11,8 @@ from test_rejects import bad_manifest  # noqa: F401  (fixture)
 
 from input_pipeline import prepare, records
 
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+
 beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip install 'fvlm-jax[beam]')")
 
 

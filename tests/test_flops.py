@@ -15,7 +15,27 @@ def test_vit_b_forward_matches_reference():
     assert flops.stem_flops(cfg.model.input_zyx, v.patch_zyx, (), v.width) / 1e9 == pytest.approx(15.5, rel=0.02)
     step = flops.train_step_flops(cfg, batch_size=1)
     assert step["vision"] / 3 / 1e9 == pytest.approx(280, rel=0.03)
-    assert step["total"] == pytest.approx(3 * step["forward_per_volume"])
+
+
+def test_train_step_total_is_the_hand_count():
+    """The whole step of a batch of 2, counted by hand: 3 x forward of the ViT (linear patch embedding), one text
+    encoder pass per anatomy at prep.text_len, and the anatomy pooling's K/V projections and attention."""
+    cfg = ct_rate.get_config()
+    v, t = cfg.model.vision, cfg.model.text
+    assert tuple(v.stem_channels) == ()  # a linear patch embedding
+    n = 1
+    for size, patch in zip(cfg.model.input_zyx, v.patch_zyx):
+        n *= size // patch
+
+    def encoder(tokens, width, depth, mlp):  # per layer: q, k, v, out and MLP weights; Q K^T and P V
+        return depth * (2 * tokens * (4 * width**2 + 2 * width * mlp) + 2 * 2 * tokens**2 * width)
+
+    patch_voxels = v.patch_zyx[0] * v.patch_zyx[1] * v.patch_zyx[2]
+    vision = encoder(n, v.width, v.depth, v.mlp_dim) + 2 * n * patch_voxels * v.width
+    anatomies, levels = len(cfg.prep.anatomies), len(v.feature_blocks) + 1
+    text = anatomies * encoder(cfg.prep.text_len, t.width, t.depth, t.mlp_dim)
+    pool = levels * n * 2 * 2 * v.width**2 + anatomies * levels * n * 2 * 2 * v.width
+    assert flops.train_step_flops(cfg, batch_size=2)["total"] == 3 * 2 * (vision + text + pool)
 
 
 def test_conv_stem_counts_each_stage():

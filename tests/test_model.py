@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from fvlm_jax import anatomy
+from fvlm_jax import anatomy, train_step
 from fvlm_jax.models.fvlm import FVLM, AnatomyPool
 from fvlm_jax.models.vit3d import ConvStem, patchify_channels
 
@@ -67,6 +67,7 @@ def gelu(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [(), (3,), (3, 5)])
 def test_conv_stem_matches_loop_reference(channels):
     stem = ConvStem((4, 4, 8), channels, 6, rngs=nnx.Rngs(0))
@@ -102,6 +103,7 @@ def test_zero_query_pooling_starts_as_mean_over_anatomy_tokens():
         np.testing.assert_allclose(got[0, a], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("global_pool", [False, True])
 def test_fvlm_shapes_and_normalisation(global_pool):
     cfg = demo.get_config()
@@ -116,13 +118,20 @@ def test_fvlm_shapes_and_normalisation(global_pool):
     assert present.shape == intact.shape == (2, a) and bool(intact[0, 0]) and not bool(present[0, 1])
     txt = model.encode_text(jnp.ones((2, 3, 16), jnp.int32))
     assert txt.shape == (2, 3, cfg.model.embed_dim)
-    assert 0.001 <= float(model.temp()) <= 0.5
+    # The temperature starts at its init and is the learnable value clamped to [min, max].
+    t = cfg.model.temperature
+    assert float(model.temp()) == pytest.approx(t.init)
+    for raw, want in (((t.min + t.max) / 2, (t.min + t.max) / 2), (2 * t.max, t.max), (t.min / 10, t.min),
+                      (-1.0, t.min)):
+        model.temperature[...] = jnp.asarray(raw, jnp.float32)
+        assert float(model.temp()) == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_and_remat():
     cfg = demo.get_config()
     a = len(cfg.prep.anatomies)
-    from fvlm_jax import synthetic, train
+    from fvlm_jax import synthetic
 
     batch = synthetic.random_batch(cfg, 4)
     results = {}
@@ -132,7 +141,7 @@ def test_bfloat16_compute_and_remat():
         graphdef, params = nnx.split(model, nnx.Param)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
         loss_fn = jax.jit(jax.value_and_grad(
-            lambda p, g=graphdef: train.batch_loss(nnx.merge(g, p), batch, "fvlm", cfg.loss)[0]))
+            lambda p, g=graphdef: train_step.batch_loss(nnx.merge(g, p), batch, "fvlm", cfg.loss)[0]))
         results[(dtype, remat)] = loss_fn(params)
         # Block-level remat carries the config's policy; the blocks' GELU is always rematerialised, policy=None.
         assert (cfg.model.remat_policy in str(jax.make_jaxpr(loss_fn)(params))) == remat
@@ -144,6 +153,7 @@ def test_bfloat16_compute_and_remat():
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
 
 
+@pytest.mark.slow
 def test_cpu_attention_matches_numpy_and_the_library():
     """transformer.attention (the XLA:CPU path) against a NumPy softmax attention and jax.nn.dot_product_attention,
     with and without a key mask, values and gradients; and its head groups against one group."""
@@ -211,6 +221,7 @@ def test_cpu_attention_matches_numpy_and_the_library():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.slow
 def test_block_with_cpu_attention_matches_the_library_attention(monkeypatch):
     """A transformer block's loss and every gradient, under jit and remat, with the hand-written CPU attention
     against the same block on jax.nn.dot_product_attention (autodiff)."""
@@ -266,6 +277,7 @@ def test_flattened_dense_is_the_same_product():
     np.testing.assert_allclose(np.asarray(gw), x.reshape(-1, 8).T @ (2 * want).reshape(-1, 6), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusal of cuDNN on a host without it")
 def test_attention_implementations_and_the_cudnn_fallback(monkeypatch, caplog):
     """model.attention: "xla" is the library's XLA attention, "cpu" the hand-written one (same values), "cudnn"

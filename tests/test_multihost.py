@@ -8,6 +8,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -18,21 +21,19 @@ SCRIPT = textwrap.dedent("""
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
     from configs import demo
-    from fvlm_jax import synthetic, train
+    from fvlm_jax import sharding, synthetic, train
 
-    cfg = demo.get_config()
-    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
-    cfg.train.batch_size = 8
+    cfg = demo.get_config("tiny")
     # FSDP over all 4 devices: with 2 processes, every weight is split across the hosts (no process holds it whole).
     cfg.mesh.data, cfg.mesh.fsdp = 1, 4
-    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
     kernel = trainer.state["params"]["vision"]["blocks"][0]["fc1"]["kernel"]
     assert kernel.is_fully_addressable == (n_proc == 1) and len(kernel.sharding.device_set) == 4
     if n_proc > 1:  # a mesh that leaves a host without devices is refused
         bad = demo.get_config()
         bad.mesh.data, bad.train.batch_size = 2, 8
         try:
-            train.make_mesh(bad)
+            sharding.make_mesh(bad)
             raise AssertionError("a 2-device mesh in a 4-device, 2-process job was accepted")
         except ValueError as e:
             assert "must use every device" in str(e), e
@@ -91,14 +92,14 @@ def test_cli_on_two_processes(prepared_demo, tmp_path):
     import json
     import shutil
 
-    from conftest import TINY
+    from conftest import TINY_CONFIG
 
     workdir = tmp_path / "run"
     shutil.copytree(prepared_demo / "records", workdir / "records")  # the prepared records alone (other tests train
     # in the shared workdir)
     port = str(_free_port())
-    cmd = [sys.executable, os.path.join(ROOT, "run.py"), f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
-           f"--workdir={workdir}", *TINY, "--config.train.methods=('fvlm',)", "--distributed",
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), TINY_CONFIG,
+           f"--workdir={workdir}", "--config.train.methods=('fvlm',)", "--distributed",
            f"--coordinator=localhost:{port}", "--num_processes=2"]
     procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -109,6 +110,16 @@ def test_cli_on_two_processes(prepared_demo, tmp_path):
     with open(workdir / "train" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert 0.0 <= summary["fvlm"]["mean_auc"] <= 1.0
     assert (workdir / "export" / "fvlm" / "model.json").exists()
+    # The two processes' evaluation against the same evaluation of their checkpoint on one process.
+    import pytest
+    from conftest import run_cli
+
+    two = json.loads((workdir / "eval" / "fvlm.json").read_text())
+    run_cli(workdir, "--mode=eval", "--config.train.methods=('fvlm',)")
+    one = json.loads((workdir / "eval" / "fvlm.json").read_text())
+    assert any(v is not None for v in one["per_task"].values())
+    assert two["per_task"] == pytest.approx(one["per_task"]) and two["mean_auc"] == pytest.approx(one["mean_auc"])
+    assert two["macro"] == pytest.approx(one["macro"])
+    for task, metrics in one["thresholded"].items():
+        assert two["thresholded"][task] == pytest.approx(metrics), task

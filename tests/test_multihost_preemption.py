@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+
 SCRIPT = textwrap.dedent("""
     import itertools, sys, time
     import jax
@@ -25,8 +27,7 @@ SCRIPT = textwrap.dedent("""
     from configs import demo
     from fvlm_jax import synthetic, train
 
-    cfg = demo.get_config()
-    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    cfg = demo.get_config("tiny")
     cfg.train.update(batch_size=8, steps=16, warmup_steps=2, log_every=5, checkpoint_every=every)
     local = cfg.train.batch_size // n_proc
 

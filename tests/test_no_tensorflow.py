@@ -5,17 +5,34 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+
 SCRIPT = textwrap.dedent("""
     import sys
     sys.modules["tensorflow"] = None  # any `import tensorflow` now raises ImportError
     sys.modules["tensorflow_datasets"] = None
     from configs import demo
-    from fvlm_jax import evaluate, export, losses, stages, synthetic, train
-    cfg = demo.get_config()
+    from fvlm_jax import evaluate, export, losses, sharding, stages, synthetic, train
+    cfg = demo.get_config("tiny")
     cfg.train.batch_size = 4
-    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
-    loss = float(trainer.train_step(synthetic.random_batch(cfg, 4))["loss"])
-    assert loss == loss
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    batch = synthetic.random_batch(cfg, 4)
+    # The step's loss (that of the parameters before it) against the NumPy loop of tests/test_losses.py on the
+    # model's embeddings of the batch.
+    import numpy as np
+    model = trainer.model()
+    img, _, intact = model.encode_image(batch["image"] / 255.0, batch["labels"])
+    txt = model.encode_anatomy_texts(batch["text_tokens"], trainer.text_lengths)
+    by_anatomy = [np.swapaxes(np.asarray(x), 0, 1) for x in (
+        img, txt, np.asarray(intact) & batch["has_text"], batch["normal"], batch["text_id"], batch["disease"])]
+    temperature = float(model.temp())
+    loss = float(trainer.train_step(batch)["loss"])
+    sys.path.insert(0, "tests")
+    from test_losses import reference_anatomy_loss
+    want = reference_anatomy_loss(*by_anatomy, temperature)
+    assert abs(loss - want) <= 1e-4 * want, (loss, want)
 
     # Export, load and score a new scan (NIfTI written here) without TensorFlow.
     import os, tempfile
@@ -32,8 +49,17 @@ SCRIPT = textwrap.dedent("""
     train_tokenizer([case["findings"], case["impression"]] * 10, os.path.join(tmp, "tok.model"), 64)
     out = export.export(trainer.model(), "fvlm", cfg, os.path.join(tmp, "tok.model"), CLASS_TABLES["total"],
                         os.path.join(tmp, "export"))
-    scores = export.Predictor(out).score(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))
-    assert len(scores) == len(cfg.eval.tasks) and all(0 <= v <= 1 for v in scores.values())
+    pred = export.Predictor(out)
+    scores = pred.score(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))
+    assert len(scores) == len(cfg.eval.tasks)
+    # Each score: the two-way softmax of its prompts' similarities to its anatomy's embedding, by hand.
+    emb = pred.encode(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))["embeddings"]
+    for t in pred.tasks:
+        tokens = pred.tokenizer.encode([t["negative"], t["positive"]], pred.prep["text_len"])
+        s_neg, s_pos = np.asarray(pred.model.encode_text(tokens), np.float64) @ emb[t["anatomy"]] / float(
+            pred.model.temp())
+        want = 1 / (1 + np.exp(s_neg - s_pos))
+        assert abs(scores[f"{t['anatomy']}/{t['label']}"] - want) < 1e-5, (t, scores, want)
     assert "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None
     print("OK")
 """)

@@ -11,13 +11,14 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+
 SCRIPT = textwrap.dedent("""
     import itertools, os, sys, time
     from configs import demo
     from fvlm_jax import synthetic, train
 
-    cfg = demo.get_config()
-    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
+    cfg = demo.get_config("tiny")
     cfg.train.update(batch_size=4, steps=12, warmup_steps=2, log_every=5,
                      checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "3")))
     pause = float(os.environ.get("STEP_PAUSE", "0"))  # seconds per step: room to land a signal mid-run

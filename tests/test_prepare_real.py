@@ -5,11 +5,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from configs import demo
-from fvlm_jax import augment
-from input_pipeline import prepare
+from input_pipeline import label_packing, prepare
+
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
 
 
 def _write_table(path, rows):
@@ -53,9 +55,9 @@ def test_prepare_real_ct_both_segmentation_layouts(tmp_path, shared_data):
 
     examples = list(tfds.builder_from_directory(str(out)).as_dataset(split="train").as_numpy_iterator())
     assert sorted(e["id"].decode() for e in examples) == ["train_1_a_1", "train_2_a_1"]
-    k = augment.packing_factor(len(manifest["anatomies"]))
+    k = label_packing.packing_factor(len(manifest["anatomies"]))
     for e in examples:
-        e["labels"] = augment.unpack_labels(e["labels_packed"], k, e["image"].shape[2])
+        e["labels"] = label_packing.unpack_labels(e["labels_packed"], k, e["image"].shape[2])
     np.testing.assert_array_equal(examples[0]["labels"], examples[1]["labels"])  # file == folder of parts
     np.testing.assert_array_equal(examples[0]["image"], examples[1]["image"])
     anatomies = manifest["anatomies"]

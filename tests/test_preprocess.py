@@ -109,6 +109,7 @@ def test_dicom_series_matches_nifti_grid(class_table):
     assert vol[seg == 2].mean() > 120
 
 
+@pytest.mark.slow
 @needs_data
 def test_dicom_shuffled_file_order(tmp_path):
     files = sorted((EXAMPLE / "ct_dicom").iterdir())
@@ -313,14 +314,25 @@ def test_preprocess_scan_example(class_table):
     seg_zyx, _, _ = pp.to_canonical(seg, aff)
     r_img = pp.window(pp.resample(ct_zyx, sp, KW["spacing_xyz"], order=1), -1150, 350)
     r_lab = pp.resample(seg_zyx, sp, KW["spacing_xyz"], order=0, out_shape=r_img.shape)
-    c_img, c_lab, _ = pp.crop_to_anatomies(r_img, r_lab, KW["margin_zyx"], KW["min_size_zyx"])
+    c_img, c_lab, info = pp.crop_to_anatomies(r_img, r_lab, KW["margin_zyx"], KW["min_size_zyx"])
     np.testing.assert_array_equal(lab, c_lab)
     np.testing.assert_array_equal(img, np.rint(c_img * 255).astype(np.uint8))
-    # output affine: a labelled voxel maps to the same world point as in the source
-    zz, yy, xx = np.argwhere(lab == 2)[0]
-    world = out["affine"] @ [xx, yy, zz, 1]
-    src_idx = np.linalg.inv(aff) @ world
-    assert np.allclose(src_idx[:3], np.rint(src_idx[:3]), atol=0.51)
+    # output affine: every output voxel is at the world point of the source coordinate it was sampled at (the
+    # centre-aligned convention of _ref_coords on nibabel's canonical grid, after the crop and the padding)
+    canon = nib.as_closest_canonical(nib.load(EXAMPLE / "example_ct_sm.nii.gz"))
+    src_spacing = np.asarray(canon.header.get_zooms()[:3], float)[::-1]  # zyx
+    new_spacing = np.asarray(KW["spacing_xyz"], float)[::-1]
+    src_shape = canon.shape[::-1]
+    for corner in np.ndindex(2, 2, 2):
+        idx = [c * (n - 1) for c, n in zip(corner, lab.shape)]  # zyx
+        coord = []
+        for a in range(3):
+            resampled = idx[a] + info["crop_start_zyx"][a] - info["pad_zyx"][a][0]
+            n_out = round(src_shape[a] * src_spacing[a] / new_spacing[a])
+            coord.append(_ref_coords(src_shape[a], src_spacing[a], n_out, new_spacing[a])[0]
+                         + resampled * new_spacing[a] / src_spacing[a])
+        want = canon.affine @ [*coord[::-1], 1]
+        np.testing.assert_allclose(out["affine"] @ [*idx[::-1], 1], want, atol=1e-4, err_msg=str(corner))
 
 
 @needs_data

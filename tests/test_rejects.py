@@ -12,6 +12,8 @@ from conftest import manifest_config, phantom_ct
 
 from input_pipeline import prepare
 
+pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+
 FINDINGS = "Mild emphysema in both lungs. The liver is normal."
 IMPRESSION = "Emphysema."
 

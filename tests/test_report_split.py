@@ -68,6 +68,7 @@ def test_vocabulary_covers_ct_rate_and_demo_labels():
         assert set(diseases) <= set(DEFAULT_VOCABULARY[anatomy])
 
 
+@pytest.mark.slow
 def test_generated_reports_recover_truth_exactly():
     for i in range(200):
         case = dd.generate_case(np.random.default_rng([7, 1, i]))

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import ct_rate, demo
-from fvlm_jax import sharding, train
+from fvlm_jax import sharding, train_state
+from fvlm_jax.models.fvlm import METHODS
 
 SCRIPT = textwrap.dedent("""
     import json, tempfile
@@ -25,15 +26,15 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     from configs import demo
-    from fvlm_jax import synthetic, train
+    from fvlm_jax import sharding, synthetic, train
 
-    def run(method, mesh, impl="gspmd", accum=1, steps=3):
-        cfg = demo.get_config()
-        cfg.model.vision.width = cfg.model.text.width = 32
-        cfg.train.batch_size = 8
+    def run(method, mesh, impl="gspmd", accum=1, steps=2):
+        cfg = demo.get_config("tiny")
+        # One block per encoder: sharding is the same in every block, and compiling 8-device programs is the cost.
+        cfg.model.vision.depth = cfg.model.text.depth = 1
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
         cfg.loss.impl, cfg.train.grad_accum_steps = impl, accum
-        trainer = train.Trainer(cfg, method, train.make_mesh(cfg))
+        trainer = train.Trainer(cfg, method, sharding.make_mesh(cfg))
         # The training input's form: packed labels and flips, finished on the device inside the sharded step.
         losses = [float(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s, packed=True))["loss"])
                   for s in range(steps)]
@@ -59,11 +60,12 @@ SCRIPT = textwrap.dedent("""
         grad_err[str(shape)] = max(float(jnp.abs(a - b).max()) for a, b in zip(got[1], ref[1]))
     assert max(grad_err.values()) < 1e-5, grad_err
 
+    # The train step on each mesh shape once (the shard_map loss is checked on all three above), gradient
+    # accumulation on the mesh with every axis split, and the CLIP baseline.
     out, specs = {}, {}
     for method, mesh, impl, accum in [
-            ("fvlm", (1, 1, 1), "gspmd", 1), ("fvlm", (8, 1, 1), "gspmd", 1), ("fvlm", (2, 4, 1), "gspmd", 1),
-            ("fvlm", (2, 2, 2), "gspmd", 1), ("fvlm", (8, 1, 1), "shard_map", 1), ("fvlm", (2, 4, 1), "shard_map", 1),
-            ("fvlm", (2, 2, 2), "shard_map", 2), ("clip", (1, 1, 1), "gspmd", 1), ("clip", (2, 2, 2), "gspmd", 1)]:
+            ("fvlm", (1, 1, 1), "gspmd", 1), ("fvlm", (8, 1, 1), "gspmd", 1), ("fvlm", (2, 4, 1), "shard_map", 1),
+            ("fvlm", (2, 2, 2), "gspmd", 2), ("clip", (1, 1, 1), "gspmd", 1), ("clip", (2, 2, 2), "gspmd", 1)]:
         trainer, cfg, losses = run(method, mesh, impl, accum)
         out[f"{method} {mesh} {impl} {accum}"] = losses
         if method == "fvlm":
@@ -71,8 +73,8 @@ SCRIPT = textwrap.dedent("""
             fc1, mu = p["vision"]["blocks"][0]["fc1"]["kernel"], trainer.state["opt_state"][1][0].mu
             specs[str(mesh)] = [str(fc1.sharding.spec), list(fc1.addressable_shards[0].data.shape),
                                 list(fc1.shape), str(mu["vision"]["blocks"][0]["fc1"]["kernel"].sharding.spec)]
-    # Saved on a 2x2x2 mesh, restored on a 4x1x1 mesh of 4 devices: same values, new layout.
-    two, cfg, _ = run("fvlm", (2, 2, 2), steps=1)
+        if (method, mesh) == ("fvlm", (2, 2, 2)):
+            two = trainer
     # Evaluation splits its batch over the same mesh and embeds exactly as one device does.
     from fvlm_jax import evaluate
     b = synthetic.random_batch(cfg, 8, seed=5)
@@ -91,13 +93,14 @@ SCRIPT = textwrap.dedent("""
     want = np.concatenate([np.asarray(one(b["image"], b["labels"])[0])[b["mask"]] for b in batches])
     np.testing.assert_allclose(enc["emb"], want, rtol=1e-5, atol=1e-5)
     assert len(enc["ids"]) == 18 and enc["ids"][-1] == "s3_1"
+    # Saved on a 2x2x2 mesh, restored on a 4x1x1 mesh of 4 devices: same values, new layout.
     ckpt = tempfile.mkdtemp()
     mngr = two.checkpoint_manager(ckpt)
     two.save(mngr)
     mngr.wait_until_finished()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 1
-    four = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
-    assert four.restore(four.checkpoint_manager(ckpt)) and four.step == 1
+    four = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    assert four.restore(four.checkpoint_manager(ckpt)) and four.step == 2
     for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(four.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(four.state["params"]["pool"]["q"]["kernel"].sharding.device_set) == 4
@@ -115,17 +118,19 @@ def eight_device_run():
     return json.loads(res.stdout.split("RESULT", 1)[1])
 
 
+@pytest.mark.slow
 def test_meshes_give_the_one_device_losses(eight_device_run):
     out = eight_device_run["losses"]
     for method in ("fvlm", "clip"):
         ref = out[f"{method} (1, 1, 1) gspmd 1"]
-        assert ref[0] != ref[2]  # the parameters did change
+        assert ref[0] != ref[1]
         for key, got in out.items():
             if key.startswith(method):
                 np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5, err_msg=key)
-    assert len([k for k in out if k.startswith("fvlm")]) == 7
+    assert len([k for k in out if k.startswith("fvlm")]) == 4
 
 
+@pytest.mark.slow
 def test_state_is_born_sharded(eight_device_run):
     specs = eight_device_run["specs"]
     # fc1 kernel [32, 256] has logical axes (embed, mlp) -> (fsdp, tensor); the Adam moment follows its parameter.
@@ -137,8 +142,8 @@ def test_state_is_born_sharded(eight_device_run):
 
 def test_every_weight_has_logical_axes():
     for cfg in (demo.get_config(), ct_rate.get_config("runlocal")):
-        for method in train.METHODS:
-            params = nnx.state(nnx.eval_shape(lambda c=cfg, m=method: train.create_model(c, m)), nnx.Param)
+        for method in METHODS:
+            params = nnx.state(nnx.eval_shape(lambda c=cfg, m=method: train_state.create_model(c, m)), nnx.Param)
             assert sharding.unnamed_weights(params) == []
 
 
@@ -217,14 +222,14 @@ EXPORT_SCRIPT = textwrap.dedent("""
     import numpy as np
     from flax import nnx
     from configs import demo
-    from fvlm_jax import export, train
+    from fvlm_jax import export, sharding, train
     from input_pipeline.totalseg_classes import CLASS_TABLES
 
     tokenizer, out = sys.argv[1], sys.argv[2]
     cfg = demo.get_config()
     cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-    model = train.Trainer(cfg, "fvlm", train.make_mesh(cfg)).model()
+    model = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg)).model()
     params = nnx.state(model, nnx.Param)
     assert max(len(x.sharding.device_set) for x in jax.tree.leaves(params)) == 8
     export.export(model, "fvlm", cfg, tokenizer, CLASS_TABLES[cfg.prep.class_table], out + "/export")
@@ -232,6 +237,7 @@ EXPORT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_from_a_mesh_loads_on_one_device(prepared_demo, tmp_path):
     """A model trained on 8 devices (FSDP and tensor axes split its weights) is exported, then loaded by a
     process with one device, as on a workstation: the same weights, on that device."""

@@ -9,12 +9,12 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from conftest import manifest_config, phantom_ct
 
 from configs import demo
-from fvlm_jax import augment
-from input_pipeline import ct_rate, demo_data, prepare, preprocess, sources
+from input_pipeline import ct_rate, demo_data, label_packing, prepare, preprocess, sources
 
 FINDINGS = "Mild emphysema in both lungs. The liver is normal."
 
@@ -22,10 +22,10 @@ FINDINGS = "Mild emphysema in both lungs. The liver is normal."
 def _examples(out, split="train"):
     """Records read through tfds, with the packed labels unpacked into "labels"."""
     builder = tfds.builder_from_directory(str(out))
-    k = augment.packing_factor(builder.info.features["text_tokens"].shape[0])
+    k = label_packing.packing_factor(builder.info.features["text_tokens"].shape[0])
     examples = {}
     for e in builder.as_dataset(split=split).as_numpy_iterator():
-        e["labels"] = augment.unpack_labels(e["labels_packed"], k, e["image"].shape[2])
+        e["labels"] = label_packing.unpack_labels(e["labels_packed"], k, e["image"].shape[2])
         examples[e["id"].decode()] = e
     return examples
 
@@ -73,6 +73,7 @@ def test_metadata_affine_and_raw_rescale(tmp_path):
     np.testing.assert_allclose(aff[:3, 3], [-1, -2, 3])
 
 
+@pytest.mark.slow
 def test_ct_rate_metadata_gives_true_geometry_and_hu(tmp_path):
     hu, seg = phantom_ct()
     raw = tmp_path / "raw"
@@ -98,7 +99,7 @@ def test_ct_rate_metadata_gives_true_geometry_and_hu(tmp_path):
     nib.Nifti1Image(hu, TRUE_AFFINE).to_filename(str(truth / "ct.nii.gz"))
     nib.Nifti1Image(seg, TRUE_AFFINE).to_filename(str(truth / "seg.nii.gz"))
     cfg = manifest_config("ct_rate")
-    kw = prepare._prep_kw(cfg.prep)
+    kw = prepare.prep_kwargs(cfg.prep)
     expected = preprocess.preprocess_scan(truth / "ct.nii.gz", truth / "seg.nii.gz", **kw)
     fixed = preprocess.preprocess_scan(d / "train_1_a_1.nii.gz", raw / "segmentations" / "train" /
                                        "train_1_a_1.nii.gz", geometry=ct_rate.geometry_from_metadata(META), **kw)
@@ -119,6 +120,7 @@ def test_ct_rate_metadata_gives_true_geometry_and_hu(tmp_path):
     assert "not UTF-8" in rejects[0]["reason"]
 
 
+@pytest.mark.slow
 def test_demo_metadata_changes_nothing(tmp_path):
     raw = tmp_path / "raw"
     demo_data.generate_demo_dataset(str(raw), num_train=3, num_valid=1, num_test=1, progress=False)
@@ -177,6 +179,7 @@ def test_label_anatomy_text_negation_without_anatomy_words():
     assert b.normal and b.diseases == ()
 
 
+@pytest.mark.slow
 def test_decomposition_files(tmp_path):
     path = _manifest(tmp_path, 2)
     dec = tmp_path / "dec"
@@ -202,6 +205,7 @@ def test_decomposition_files(tmp_path):
     assert manifest_config().data.get("decomposition_dir", "") == ""
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_missing_and_gives_identical_records(tmp_path, caplog):
     path = _manifest(tmp_path, 5)
     out = tmp_path / "records"

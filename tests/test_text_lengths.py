@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from fvlm_jax import flops, stages, text_lengths, train
+from fvlm_jax import flops, layout, sharding, text_lengths, train
 from fvlm_jax.models import text as text_model
 from fvlm_jax.models.fvlm import FVLM
+from fvlm_jax.tools import text_lengths as text_lengths_cli
 
 TEXTS = [
     "No pleural effusion.",
@@ -87,6 +88,7 @@ def _model_and_tokens(t=24):
     return model, jnp.asarray(ids, jnp.int32), a
 
 
+@pytest.mark.slow
 def test_grouped_encoding_equals_one_call_per_anatomy():
     model, tokens, a = _model_and_tokens()
     lengths = (8, 16, 8, 24, 12, 16, 5)[:a]
@@ -98,6 +100,7 @@ def test_grouped_encoding_equals_one_call_per_anatomy():
                                np.asarray(model.encode_text(tokens)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_cutting_only_padding_leaves_embeddings_unchanged():
     """A text that fits its anatomy's length encodes the same as at the stored length (the padding is masked)."""
     model, tokens, a = _model_and_tokens()
@@ -109,6 +112,7 @@ def test_cutting_only_padding_leaves_embeddings_unchanged():
     assert not np.allclose(short[~fits], full[~fits], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_gradient_reaches_every_anatomy_text():
     """Every kept token of every anatomy gets a gradient; tokens only past their anatomy's cut get none."""
     model, tokens, a = _model_and_tokens()
@@ -132,22 +136,26 @@ def test_flops_count_each_anatomy_at_its_length():
     cfg = demo.get_config()
     t = cfg.model.text
     lengths = text_lengths.parse(t.anatomy_len, cfg.prep.anatomies, cfg.prep.text_len)
-    want = 3 * 4 * sum(sum(flops.transformer_flops(n, t.width, t.depth, t.mlp_dim).values()) for n in lengths)
-    assert flops.train_step_flops(cfg, 4)["text"] == want
+    assert len(set(lengths)) > 1 and max(lengths) < cfg.prep.text_len  # the demo's lengths differ and cut
+
+    def by_hand(n):  # per layer: q, k, v, out and MLP weights; Q K^T and P V
+        return t.depth * (2 * n * (4 * t.width**2 + 2 * t.width * t.mlp_dim) + 2 * 2 * n**2 * t.width)
+
+    assert flops.train_step_flops(cfg, 4)["text"] == 3 * 4 * sum(by_hand(n) for n in lengths)
     cfg.model.text.anatomy_len = ""
-    full = flops.transformer_flops(cfg.prep.text_len, t.width, t.depth, t.mlp_dim)
-    assert flops.train_step_flops(cfg, 4)["text"] == 3 * 4 * len(lengths) * sum(full.values())
+    assert flops.train_step_flops(cfg, 4)["text"] == 3 * 4 * len(lengths) * by_hand(cfg.prep.text_len)
 
 
+@pytest.mark.slow
 def test_train_stage_resolves_a_percentile_from_the_records(prepared_demo):
-    with open(os.path.join(stages.records_dir(prepared_demo), "stats.json")) as f:
+    with open(os.path.join(layout.records_dir(prepared_demo), "stats.json")) as f:
         stats = json.load(f)
-    manifest = stages.load_manifest(prepared_demo)
+    manifest = layout.load_manifest(prepared_demo)
     cfg = demo.get_config()
     cfg.model.text.anatomy_len = "p95"
     with pytest.raises(ValueError, match="stats.json"):
-        train.Trainer(cfg, "fvlm", train.make_mesh(cfg))  # unresolved: the Trainer does not guess
-    resolved = stages.resolve_anatomy_text_len(cfg, manifest, stats)
+        train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))  # unresolved: the Trainer does not guess
+    resolved = text_lengths.resolve(cfg, manifest, stats)
     assert cfg.model.text.anatomy_len == "p95"  # the caller's config is left as it was
     lengths = text_lengths.parse(resolved.model.text.anatomy_len, cfg.prep.anatomies, cfg.prep.text_len)
     for a, n in zip(cfg.prep.anatomies, lengths):
@@ -156,15 +164,22 @@ def test_train_stage_resolves_a_percentile_from_the_records(prepared_demo):
     bad = demo.get_config()
     bad.prep.text_len = 64
     with pytest.raises(ValueError, match="prepare again"):
-        stages.resolve_anatomy_text_len(bad, manifest, stats)
+        text_lengths.resolve(bad, manifest, stats)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_spec(prepared_demo, capsys):
-    with open(os.path.join(stages.records_dir(prepared_demo), "stats.json")) as f:
+    with open(os.path.join(layout.records_dir(prepared_demo), "stats.json")) as f:
         stats = json.load(f)
-    manifest = stages.load_manifest(prepared_demo)
-    text_lengths.main([str(prepared_demo), "p99"])
-    spec = text_lengths.from_stats("p99", manifest["anatomies"], manifest["text_len"], stats)
-    assert f'model.text.anatomy_len="{spec}"' in capsys.readouterr().out
+    manifest = layout.load_manifest(prepared_demo)
+    text_lengths_cli.main([str(prepared_demo), "p99"])
+    out = capsys.readouterr().out
+    # Each anatomy's p99 rounded up to a multiple of 8, at most the stored length.
+    want = {a: min(manifest["text_len"], -(-stats["anatomy_text_tokens_by_anatomy"][a]["p99"] // 8) * 8)
+            for a in manifest["anatomies"]}
+    assert len(set(want.values())) > 1
+    assert 'model.text.anatomy_len="' + ",".join(f"{a}={int(n)}" for a, n in want.items()) + '"' in out
+    for a, n in want.items():
+        assert any(line.split()[:1] == [a] and line.endswith(f"-> {int(n)}") for line in out.splitlines()), a
     with pytest.raises(SystemExit, match="prepare"):
-        text_lengths.main([str(prepared_demo / "nothing")])
+        text_lengths_cli.main([str(prepared_demo / "nothing")])

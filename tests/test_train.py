@@ -4,22 +4,16 @@ import itertools
 import json
 import shutil
 
+import conftest
 import numpy as np
 import pytest
 
-from configs import demo
-from fvlm_jax import augment, synthetic, train
+from fvlm_jax import checkpoint, sharding, synthetic, train, train_state, train_step
+from input_pipeline import label_packing
 
 
 def tiny_config():
-    cfg = demo.get_config()
-    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
-    cfg.train.batch_size = 4
-    cfg.train.steps = 6
-    cfg.train.warmup_steps = 2
-    cfg.train.checkpoint_every = 2
-    cfg.train.log_every = 1
-    return cfg
+    return conftest.tiny_config()  # the CLI tests' config: their compiled steps come from the shared cache
 
 
 def synthetic_batches(cfg):
@@ -29,13 +23,20 @@ def synthetic_batches(cfg):
 def test_schedule_warms_up_then_decays():
     cfg = tiny_config()
     cfg.train.steps, cfg.train.warmup_steps = 100, 10
-    lr = train.learning_rate_schedule(cfg)
+    lr = train_state.learning_rate_schedule(cfg)
     assert float(lr(0)) == pytest.approx(cfg.train.init_learning_rate, rel=1e-5)
     assert float(lr(10)) == pytest.approx(cfg.train.learning_rate, rel=1e-5)
     assert float(lr(100)) == pytest.approx(cfg.train.end_learning_rate, rel=1e-5)
-    assert float(lr(5)) < float(lr(10)) and float(lr(50)) < float(lr(10))
+    # Linear warm-up, then a half cosine from the peak at step 10 to the end value at step 100.
+    init, peak, end = cfg.train.init_learning_rate, cfg.train.learning_rate, cfg.train.end_learning_rate
+    for step in (3, 5, 8):
+        assert float(lr(step)) == pytest.approx(init + (peak - init) * step / 10, rel=1e-5)
+    for step in (20, 50, 90):
+        assert float(lr(step)) == pytest.approx(end + (peak - end) * (1 + np.cos(np.pi * (step - 10) / 90)) / 2,
+                                                rel=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     import jax
     from flax import nnx
@@ -53,10 +54,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "at step 2;" in str(err.value)  # the first bad step, never logged
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [1]  # the last good state is kept, no checkpoint of the non-finite one
-    params = jax.tree.leaves(nnx.state(train.restore_params(cfg, "fvlm", str(tmp_path)), nnx.Param))
+    model = checkpoint.restore_model(cfg, "fvlm", str(tmp_path / "checkpoints"), sharding.make_mesh(cfg))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(np.isfinite(np.asarray(x)).all() for x in params)
 
 
+@pytest.mark.slow
 def test_console_lines_and_tensorboard_events(tmp_path, capsys):
     import tensorflow as tf  # only to read the event files back (training itself writes them without TF)
 
@@ -95,6 +98,7 @@ def test_console_lines_and_tensorboard_events(tmp_path, capsys):
     assert len(list((tmp_path / "tensorboard").iterdir())) == 2  # both runs' event files are there
 
 
+@pytest.mark.slow
 def test_exact_gradient_accumulation_with_remat():
     """Micro-batched accumulation (with and without rematerialisation) gives the full-batch loss and gradients."""
     import jax
@@ -102,17 +106,17 @@ def test_exact_gradient_accumulation_with_remat():
 
     cfg = tiny_config()
     batch = jax.tree.map(np.asarray, synthetic.random_batch(cfg, 4, seed=0))
-    model = train.create_model(cfg, "fvlm")
+    model = train_state.create_model(cfg, "fvlm")
     graphdef, params = nnx.split(model, nnx.Param)
 
     def full(p):
-        return train.batch_loss(nnx.merge(graphdef, p), batch, "fvlm", cfg.loss)
+        return train_step.batch_loss(nnx.merge(graphdef, p), batch, "fvlm", cfg.loss)
 
     (ref_loss, ref_aux), ref_grads = jax.value_and_grad(full, has_aux=True)(params)
     for micro, remat in ((2, True), (4, False)):
         cfg.model.remat = remat
-        gd = nnx.graphdef(train.create_model(cfg, "fvlm"))
-        (loss, aux), grads = jax.jit(lambda p, m=micro, g=gd: train.accumulated_value_and_grad(
+        gd = nnx.graphdef(train_state.create_model(cfg, "fvlm"))
+        (loss, aux), grads = jax.jit(lambda p, m=micro, g=gd: train_step.accumulated_value_and_grad(
             g, p, batch, "fvlm", cfg.loss, None, m))(params)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
         np.testing.assert_allclose(aux["per_anatomy"], ref_aux["per_anatomy"], rtol=1e-5, atol=1e-6)
@@ -121,6 +125,7 @@ def test_exact_gradient_accumulation_with_remat():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_packed_batch_trains_like_the_unpacked_one():
     """The train step finishes tf.data's packed labels and flips on the device: with a flip on one sample it gives
     the loss of the same batch unpacked and flipped on the host."""
@@ -132,18 +137,19 @@ def test_packed_batch_trains_like_the_unpacked_one():
         axes = [a for a in range(3) if f[a]]
         if axes:
             plain["image"][i], plain["labels"][i] = np.flip(plain["image"][i], axes), np.flip(plain["labels"][i], axes)
-    np.testing.assert_array_equal(augment.unpack_labels(packed["labels_packed"], 2, cfg.model.input_zyx[2]),
+    np.testing.assert_array_equal(label_packing.unpack_labels(packed["labels_packed"], 2, cfg.model.input_zyx[2]),
                                   synthetic.random_batch(cfg, 4, seed=1)["labels"])
-    a = train.Trainer(cfg, "fvlm", train.make_mesh(cfg)).train_step(packed)
-    b = train.Trainer(cfg, "fvlm", train.make_mesh(cfg)).train_step(plain)
+    a = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg)).train_step(packed)
+    b = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg)).train_step(plain)
     np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(a["per_anatomy"]), np.asarray(b["per_anatomy"]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bad_remat_policy_is_named():
     cfg = tiny_config()
     cfg.model.remat, cfg.model.remat_policy = True, "save_everything_please"
-    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
     with pytest.raises(ValueError, match="remat_policy"):
         trainer.train_step(synthetic.random_batch(cfg, 4, seed=0))
 
@@ -181,6 +187,7 @@ def test_prefetch_raises_the_producers_error_in_order():
         next(gen)
 
 
+@pytest.mark.slow
 def test_device_prefetch_and_lagged_metrics_log_what_the_plain_loop_logs(tmp_path):
     rows = {}
     for ahead in (0, 2):
@@ -195,6 +202,7 @@ def test_device_prefetch_and_lagged_metrics_log_what_the_plain_loop_logs(tmp_pat
     assert rows[0] == rows[2]
 
 
+@pytest.mark.slow
 def test_a_failing_data_source_still_logs_the_step_before_it(tmp_path):
     cfg = tiny_config()
 
@@ -210,6 +218,7 @@ def test_a_failing_data_source_still_logs_the_step_before_it(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 was dispatched but unchecked when the source failed
 
 
+@pytest.mark.slow
 def test_batches_ending_early_are_reported(tmp_path, caplog):
     cfg = tiny_config()
     few = lambda start: (synthetic.random_batch(cfg, cfg.train.batch_size, seed=i) for i in range(start, 3))  # noqa: E731
@@ -220,47 +229,68 @@ def test_batches_ending_early_are_reported(tmp_path, caplog):
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
-def test_state_holds_plain_arrays_and_restores_a_checkpoint_of_the_variable_layout(tmp_path):
-    """The train state has no nnx.Variable objects (each step's call would rebuild them on the host), and a checkpoint
-    written when it had them (parameters and Adam moments as nnx.State trees) still restores, with the same values."""
+@pytest.mark.slow
+def test_train_step_is_a_pure_module_level_function():
+    """train_step.train_step jitted on its own (no Trainer) gives the Trainer's step: same loss, same new state."""
+    import functools
+
+    import jax
+
+    cfg = tiny_config()
+    batch = synthetic.random_batch(cfg, cfg.train.batch_size, seed=3)
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    tx = train_state.make_optimizer(cfg)
+    state = train_state.init_state(cfg, "fvlm", tx, None)
+    step = jax.jit(functools.partial(train_step.train_step, graphdef=trainer.graphdef, tx=tx, method="fvlm",
+                                     loss_cfg=cfg.loss, rules=tuple(cfg.sharding.rules),
+                                     width=cfg.model.input_zyx[2], lengths=trainer.text_lengths))
+    new_state, metrics = step(state, batch)
+    want = trainer.train_step(batch)
+    assert int(new_state["step"]) == 1 and trainer.step == 1
+    np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(trainer.state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_state_holds_plain_arrays_and_params_only_restore_reads_the_saved_params(tmp_path):
+    """The train state has no nnx.Variable objects (each step's call would rebuild them on the host); a checkpoint
+    restores whole for training and params-only for eval/export, with the saved values; another tree is an error."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     from flax import nnx
 
     cfg = tiny_config()
-    trainer = train.Trainer(cfg, "fvlm", train.make_mesh(cfg))
+    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
     nodes = jax.tree.leaves(trainer.state, is_leaf=lambda x: isinstance(x, (nnx.Variable, nnx.State)))
     assert nodes and all(isinstance(x, jax.Array) for x in nodes)
     assert trainer.state["params"]["vision"]["blocks"][0]["fc1"]["kernel"].ndim == 2
 
-    params = nnx.state(train.create_model(cfg, "fvlm"), nnx.Param)  # the earlier layout, other values
-    params = jax.tree.map(lambda x: x + 0.5, params)
-    opt_state = trainer.tx.init(params)
-    for k in range(2):  # Adam moments that differ from each other and from zero
-        grads = jax.tree.map(lambda x, k=k: jnp.sin(x * (k + 2)), params)
-        _, opt_state = trainer.tx.update(grads, opt_state, params)
-    old = {"params": params, "opt_state": opt_state, "step": jnp.asarray(7, jnp.int32)}
-    mngr = trainer.checkpoint_manager(str(tmp_path / "ckpt"))
-    mngr.save(7, args=ocp.args.StandardSave(old))
+    for _ in range(2):  # Adam moments that differ from each other and from zero
+        trainer.train_step(synthetic.random_batch(cfg, cfg.train.batch_size, seed=0))
+    saved = jax.device_get(trainer.state)
+    mngr = trainer.checkpoint_manager(str(tmp_path / "checkpoints"))
+    trainer.save(mngr)
     mngr.wait_until_finished()
-    assert trainer.restore(trainer.checkpoint_manager(str(tmp_path / "ckpt")))
-    assert trainer.step == 7
-    want = nnx.to_pure_dict(params)
-    assert jax.tree.structure(trainer.state["params"]) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    want_opt = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, opt_state,
-                            is_leaf=lambda x: isinstance(x, nnx.State))
-    assert jax.tree.structure(trainer.state["opt_state"]) == jax.tree.structure(want_opt)
-    adam = trainer.state["opt_state"][1][0]
-    assert float(jnp.abs(adam.mu["pool"]["q"]["kernel"] - adam.nu["pool"]["q"]["kernel"]).max()) > 0
-    for a, b in zip(jax.tree.leaves(trainer.state["opt_state"]), jax.tree.leaves(want_opt)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    metrics = trainer.train_step(synthetic.random_batch(cfg, cfg.train.batch_size, seed=0))
-    assert np.isfinite(float(metrics["loss"])) and trainer.step == 8
 
-    # Any other mismatch is still an error, not a silent fresh start.
+    fresh = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    assert fresh.restore(fresh.checkpoint_manager(str(tmp_path / "checkpoints")))
+    assert fresh.step == 2
+    adam = fresh.state["opt_state"][1][0]
+    assert float(jnp.abs(adam.mu["pool"]["q"]["kernel"] - adam.nu["pool"]["q"]["kernel"]).max()) > 0
+    for a, b in zip(jax.tree.leaves(fresh.state), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    model = checkpoint.restore_model(cfg, "fvlm", str(tmp_path / "checkpoints"), sharding.make_mesh(cfg))
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert jax.tree.structure(got) == jax.tree.structure(saved["params"])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.restore_model(cfg, "fvlm", str(tmp_path / "empty"), sharding.make_mesh(cfg))
+
+    # Any other tree is an error, not a silent fresh start.
     other = tmp_path / "other"
     m2 = trainer.checkpoint_manager(str(other))
     m2.save(1, args=ocp.args.StandardSave({"params": {"w": jnp.zeros(3)}, "step": jnp.asarray(1, jnp.int32)}))

@@ -17,6 +17,9 @@ from fvlm_jax.models.transformer import dense, layer_norm
 from fvlm_jax.models.vit3d import ViT3D
 from fvlm_jax.sharding import constrain, logical
 
+# "fvlm": one embedding per anatomy; "clip": the whole-volume baseline (global_pool=True).
+METHODS = ("fvlm", "clip")
+
 
 def l2_normalize(x, eps=1e-6):
     return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -63,15 +66,15 @@ class FVLM(nnx.Module):
         v, t = cfg.vision, cfg.text
         # Parameters stay float32; `dtype` is the compute dtype (bfloat16 on accelerators). Embeddings, similarities
         # and the loss are float32.
-        dtype = jnp.dtype(cfg.get("dtype", "float32"))
-        remat = dict(remat=bool(cfg.get("remat", False)), remat_policy=cfg.get("remat_policy", "nothing_saveable"),
-                     attention_impl=cfg.get("attention", "auto"))
+        dtype = jnp.dtype(cfg.dtype)
+        remat = dict(remat=bool(cfg.remat), remat_policy=cfg.remat_policy,
+                     attention_impl=cfg.attention)
         self.global_pool = global_pool
         self.num_anatomies = num_anatomies
         self.patch_zyx = tuple(v.patch_zyx)
         self.vision = ViT3D(input_zyx=cfg.input_zyx, patch_zyx=v.patch_zyx, width=v.width, depth=v.depth,
                             heads=v.heads, mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks,
-                            stem_channels=v.get("stem_channels", ()), rngs=rngs, dtype=dtype, **remat)
+                            stem_channels=v.stem_channels, rngs=rngs, dtype=dtype, **remat)
         nq = 1 if global_pool else num_anatomies
         self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs, dtype=dtype)
         self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)),

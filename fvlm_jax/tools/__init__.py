@@ -1,0 +1,1 @@
+"""Command-line tools beside run.py (python -m fvlm_jax.tools.<name>)."""

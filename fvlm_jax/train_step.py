@@ -1,0 +1,123 @@
+"""The train step as a pure, module-level function: loss, gradients (optionally accumulated exactly over
+micro-batches), optimizer update and the step's metrics. `train.Trainer` jits it with the state's shardings; a test
+can call it on its own (`jax.jit(functools.partial(train_step, **static))`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from fvlm_jax import augment, losses, sharding
+from fvlm_jax.models.fvlm import FVLM
+
+
+def embed(model: FVLM, batch: dict, method: str, lengths=None):
+    """Encoder pass of one (micro-)batch: image [B, A, E] and text [B, A, E] embeddings, and intact [B, A].
+    lengths: tokens per anatomy text (fVLM; None = all stored tokens), see fvlm_jax.text_lengths."""
+    image = batch["image"].astype(jnp.float32) / 255.0
+    img, _, intact = model.encode_image(image, batch["labels"])
+    if method == "clip":
+        txt = model.encode_text(batch["report_tokens"])
+    else:
+        txt = model.encode_anatomy_texts(batch["text_tokens"], lengths)
+    return img, txt, intact
+
+
+def loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
+    """The contrastive loss of the global batch from its embeddings ([B, A, E] each). Returns (loss, per-anatomy
+    losses [A]; empty for CLIP)."""
+    with jax.named_scope("loss"):
+        if method == "clip":
+            return losses.clip_loss(img[:, 0], txt, temperature=temperature), jnp.zeros((0,))
+        kw = dict(valid=(intact & batch["has_text"]).T, normal=batch["normal"].T, text_id=batch["text_id"].T,
+                  disease=jnp.swapaxes(batch["disease"], 0, 1), temperature=temperature,
+                  normal_pairs=loss_cfg.normal_pairs, same_text_pairs=loss_cfg.same_text_pairs,
+                  disease_pairs=loss_cfg.disease_pairs, return_per_anatomy=True)
+        img, txt = jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1)
+        if loss_cfg.impl == "shard_map" and mesh is not None:
+            return losses.sharded_anatomy_contrastive_loss(img, txt, mesh=mesh, **kw)
+        return losses.anatomy_contrastive_loss(img, txt, **kw)
+
+
+def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None,
+               lengths=None):
+    """Loss of one global batch. Returns (loss, aux) with per-anatomy losses for fVLM."""
+    img, txt, intact = embed(model, batch, method, lengths)
+    loss, per_anatomy = loss_from_embeddings(img, txt, intact, model.temp(), batch, method, loss_cfg, mesh)
+    return loss, {"per_anatomy": per_anatomy}
+
+
+def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
+                               batch_spec=None, lengths=None):
+    """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
+
+    Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
+    2) the contrastive loss of the whole batch and its gradient with respect to the embeddings (and temperature);
+    3) per micro-batch, re-run the encoders under `jax.vjp` and pull the embedding gradient back to the
+    parameters, summing. Costs one extra forward pass; activation memory is that of one micro-batch.
+    """
+    b = batch["image"].shape[0]
+    if b % num_micro:
+        raise ValueError(f"batch {b} is not divisible into {num_micro} micro-batches")
+
+    def split(x):  # [B, ...] -> [M, B/M, ...]; micro-batch m takes rows m, M+m, ... so it spans every device
+        x = jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
+        if batch_spec is not None:
+            x = jax.lax.with_sharding_constraint(x, P(None, *batch_spec))
+        return x
+
+    micro = jax.tree.map(split, batch)
+
+    def embed_micro(p, mb):
+        return embed(nnx.merge(graphdef, p), mb, method, lengths)
+
+    img, txt, intact = jax.lax.map(lambda mb: embed_micro(params, mb), micro)
+    flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
+
+    def head_loss(img, txt, p):
+        temp = nnx.merge(graphdef, p).temp()
+        return loss_from_embeddings(img, txt, flat["intact"], temp, flat["micro"], method, loss_cfg, mesh)
+
+    (loss, per_anatomy), (g_img, g_txt, grads) = jax.value_and_grad(head_loss, argnums=(0, 1, 2), has_aux=True)(
+        flat["img"], flat["txt"], params)
+    g_img, g_txt = (g.reshape(num_micro, b // num_micro, *g.shape[1:]) for g in (g_img, g_txt))
+
+    def backward(acc, xs):
+        mb, gi, gt = xs
+        _, vjp = jax.vjp(lambda p: embed_micro(p, mb)[:2], params)
+        return jax.tree.map(jnp.add, acc, vjp((gi, gt))[0]), None
+
+    grads, _ = jax.lax.scan(backward, grads, (micro, g_img, g_txt))
+    return (loss, {"per_anatomy": per_anatomy}), grads
+
+
+def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransformation, method: str,
+               loss_cfg: ml_collections.ConfigDict, rules, width: int, num_micro: int = 1, mesh=None,
+               batch_spec=None, lengths=None) -> tuple[dict, dict]:
+    """One optimizer step. state: {"params", "opt_state", "step"} (fvlm_jax.train_state); batch: global arrays, with
+    `labels_packed`, `label_shift` and `flip` from tf.data (finished here, on the device: fvlm_jax.augment) or plain
+    `labels`. width: the model's input x size. Returns (new state, metrics: loss, per_anatomy [A], grad_norm,
+    param_norm, temperature)."""
+    with sharding.axis_rules(rules):
+        if "labels_packed" in batch:
+            with jax.named_scope("augment"):
+                batch = augment.finish_on_device(batch, width)
+        if num_micro > 1:
+            (loss, aux), grads = accumulated_value_and_grad(
+                graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec, lengths)
+        else:
+            def loss_fn(params):
+                return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh, lengths)
+
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                   **aux, "temperature": nnx.merge(graphdef, params).temp()}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
