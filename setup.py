@@ -38,6 +38,7 @@ setup(
         # which TensorFlow 2.21 accepts).
         "beam": ["apache-beam>=2.70,<3"],
         # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files.
-        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3", "tensorboard>=2.18,<3"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3",
+                 "tensorboard>=2.18,<3"],
     },
 )

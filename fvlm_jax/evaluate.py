@@ -151,10 +151,12 @@ def task_scores(img_emb: np.ndarray, prompt_emb: np.ndarray, anatomy_index: Sequ
 
 
 def roc_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """Threshold of the ROC point closest to (FPR 0, TPR 1)."""
-    fpr, tpr, thr = skm.roc_curve(y, score)
+    """Threshold of the ROC point closest to (FPR 0, TPR 1). Every point is a candidate (scikit-learn's default
+    drops collinear points, and with tied scores one of those can be the closest). The point (0, 0) (threshold inf,
+    nothing positive) maps to just above the highest score, so a score that saturated at 1.0 stays negative."""
+    fpr, tpr, thr = skm.roc_curve(y, score, drop_intermediate=False)
     best = np.argmin(fpr**2 + (1 - tpr) ** 2)
-    return float(min(thr[best], 1.0))
+    return float(thr[best]) if np.isfinite(thr[best]) else float(np.nextafter(np.max(score), np.inf))
 
 
 def threshold_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:

@@ -167,3 +167,23 @@ def test_encoding_raises_the_sources_error_and_stops_its_thread():
     assert not any(t.name == "prefetch_to_device" and t.is_alive() for t in threading.enumerate())
     with pytest.raises(ValueError, match="no batches"):
         evaluate.encode_images(model, iter([]), ahead=2)
+
+
+def test_roc_threshold_keeps_every_roc_point_and_never_saturates():
+    """Tied scores: the closest point to (0, 1) may be one scikit-learn's default drops as collinear. Brute force
+    over every candidate threshold is the reference. A (0, 0) optimum leaves saturated scores negative."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(4, 12))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        score = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], n)
+        best = min(((np.mean(score[y == 0] >= t)) ** 2 + (1 - np.mean(score[y == 1] >= t)) ** 2)
+                   for t in [*np.unique(score), np.inf])
+        thr = evaluate.roc_threshold(y, score)
+        got = np.mean(score[y == 0] >= thr) ** 2 + (1 - np.mean(score[y == 1] >= thr)) ** 2
+        assert got == pytest.approx(best), (y, score, thr)
+    y, score = np.array([0, 0, 1]), np.array([1.0, 1.0, 0.0])  # best: call nothing positive
+    thr = evaluate.roc_threshold(y, score)
+    assert not (score >= thr).any()

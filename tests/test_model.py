@@ -106,7 +106,7 @@ def test_zero_query_pooling_starts_as_mean_over_anatomy_tokens():
 @pytest.mark.slow
 @pytest.mark.parametrize("global_pool", [False, True])
 def test_fvlm_shapes_and_normalisation(global_pool):
-    cfg = demo.get_config()
+    cfg = demo.get_config("tiny")
     a = len(cfg.prep.anatomies)
     model = FVLM(cfg.model, a, global_pool=global_pool, rngs=nnx.Rngs(0))
     z, y, x = cfg.model.input_zyx
@@ -129,7 +129,7 @@ def test_fvlm_shapes_and_normalisation(global_pool):
 
 @pytest.mark.slow
 def test_bfloat16_compute_and_remat():
-    cfg = demo.get_config()
+    cfg = demo.get_config("tiny")
     a = len(cfg.prep.anatomies)
     from fvlm_jax import synthetic
 

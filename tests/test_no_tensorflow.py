@@ -75,7 +75,8 @@ BENCH = textwrap.dedent("""
     import runpy, sys
     sys.modules["tensorflow"] = None
     sys.modules["tensorflow_datasets"] = None
-    sys.argv = ["bench/train_step.py", "--preset=demo", "--steps=1", "--batch=4", "--peak_tflops=1"]
+    sys.argv = ["bench/train_step.py", "--preset=demo", "--steps=1", "--batch=4", "--peak_tflops=1",
+                "--text_len=32", "--anatomy_len="]  # one short text-encoder call: less to compile
     runpy.run_path("bench/train_step.py", run_name="__main__")
 """)
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
+# Slow (subprocesses), and on one pytest-xdist worker: the module's reference run is made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("preemption")]
 
 SCRIPT = textwrap.dedent("""
     import itertools, os, sys, time

@@ -224,7 +224,7 @@ def test_batches_ending_early_are_reported(tmp_path, caplog):
     few = lambda start: (synthetic.random_batch(cfg, cfg.train.batch_size, seed=i) for i in range(start, 3))  # noqa: E731
     with caplog.at_level("WARNING", logger="fvlm_jax.train"):
         train.train(cfg, "fvlm", str(tmp_path), few, progress=False)
-    assert "the batches ended at step 3, before train.steps=6; the last checkpoint is step 2" in caplog.text
+    assert "the batches ended at step 3, before train.steps=4; the last checkpoint is step 2" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
 
