@@ -14,7 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fvlm_jax import train_state
+from fvlm_jax import sharding, train_state
 from fvlm_jax.models.fvlm import FVLM
 
 
@@ -47,8 +47,8 @@ def restore_model(cfg: ml_collections.ConfigDict, method: str, directory: str, m
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}: run --mode=train first")
-        graphdef, shardings = train_state.param_shardings(cfg, method, mesh)
-        _, abstract = train_state.abstract_model(cfg, method)
+        graphdef, abstract = train_state.abstract_model(cfg, method)
+        shardings = train_state.plain(sharding.state_shardings(abstract, mesh, cfg.sharding.rules))
         like = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                        nnx.to_pure_dict(abstract), shardings)}
         restored = mngr.restore(step, args=ocp.args.PyTreeRestore(

@@ -1,4 +1,4 @@
-"""The stages behind `run.py --mode`: prepare, train, eval, export (the workdir layout: fvlm_jax.workdir).
+"""The stages behind `run.py --mode`: prepare, train, eval, export (the workdir layout: fvlm_jax.layout).
 
 TensorFlow is imported only by the stages that read records (prepare, train, eval).
 """

@@ -55,13 +55,6 @@ def abstract_model(cfg: ml_collections.ConfigDict, method: str) -> tuple[nnx.Gra
     return nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
 
 
-def param_shardings(cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh):
-    """(graph definition, the plain parameter dict's NamedShardings) from the weights' logical axis names and
-    cfg.sharding.rules."""
-    graphdef, params = abstract_model(cfg, method)
-    return graphdef, plain(sharding.state_shardings(params, mesh, cfg.sharding.rules))
-
-
 def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh):
     """(graph definition, NamedShardings of the plain training state). The optimizer moments carry their
