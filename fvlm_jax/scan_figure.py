@@ -58,7 +58,8 @@ def render(path: str, image: np.ndarray, labels: np.ndarray, spacing_xyz: Sequen
     if present:
         handles = [Line2D([], [], color=colors[a], ls="-" if status[n] == "scored" else "--", label=n)
                    for a, n in present]
-        fig.axes[0].legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.6)
+        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.05, 0.02), ncol=min(len(handles), 7),
+                   fontsize=8, frameon=False)
     ax = fig.add_subplot(grid[0, 2])
     ax.axis("off")
     lines = []
