@@ -82,6 +82,7 @@ def cases(tmp_path_factory, tiny_export):
     return {"dir": d, "out": out, "res": res, "pred": Predictor(str(tiny_export))}
 
 
+@pytest.mark.slow  # the tiny export and the predicted manifest: ~20 s of setup
 def test_good_scans_are_written_and_bad_ones_listed(cases):
     out, res = cases["out"], cases["res"]
     assert res["written"] == ["demo1", "demo2", "real", "real_parts", "head"]
@@ -97,6 +98,7 @@ def test_good_scans_are_written_and_bad_ones_listed(cases):
     assert names == sorted(["errors.json"] + [f"{i}.{e}" for i in res["written"] for e in ("json", "npz", "png")])
 
 
+@pytest.mark.slow  # the tiny export and the predicted manifest: ~20 s of setup
 def test_results_match_the_predictor(cases):
     """Embeddings, statuses and task probabilities against Predictor.encode/score and the raw segmentation."""
     pred, out, d = cases["pred"], cases["out"], cases["dir"]
@@ -133,6 +135,7 @@ def test_results_match_the_predictor(cases):
     assert real["anatomies"]["liver"]["status"] == "cut by the scan's field of view"
 
 
+@pytest.mark.slow  # the tiny export and the predicted manifest: ~20 s of setup
 def test_a_scan_without_any_model_anatomy_scores_nothing(cases):
     result = json.loads((cases["out"] / "head.json").read_text())
     assert result["summary"] == "no scored anatomy" and result["tasks"] == {}
@@ -166,6 +169,7 @@ def test_list_scans_kinds_and_argument_errors(tmp_path):
     assert predict.check_id("../x", set()) and predict.check_id("a", {"a"}) and predict.check_id("a", set()) is None
 
 
+@pytest.mark.slow  # the tiny export and the predicted manifest: ~20 s of setup
 def test_export_format_version_is_checked(tiny_export, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_export, old)
