@@ -1,6 +1,9 @@
-"""Early, readable errors for bad config values (before minutes of preparation or compilation are spent)."""
+"""Early, readable errors for bad config values (before minutes of preparation or compilation are spent), and which
+errors run.py reports as one line instead of a traceback."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import ml_collections
@@ -9,7 +12,29 @@ from fvlm_jax import sharding, text_lengths
 from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 
-MODES = ("prepare", "train", "eval", "export", "all")
+MODES = ("prepare", "train", "eval", "export", "all", "predict")
+# Where this project's code lives: an error raised here with a message is the user's to fix (see user_error).
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = tuple(os.path.join(_PROJECT, d) + os.sep for d in ("fvlm_jax", "input_pipeline", "configs")) + (
+    os.path.join(_PROJECT, "run.py"),)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message to show instead of a traceback, or None for an error that looks like a bug.
+
+    A user error is a ValueError, OSError (FileNotFoundError, ...) or RuntimeError that this project's code raised
+    itself (the innermost frame of its traceback is in fvlm_jax/, input_pipeline/, configs/ or run.py): a bad config
+    value, a missing or unusable input, data.strict's rejects. Anything else (an IndexError, an error raised inside
+    JAX or NumPy) keeps its traceback.
+    """
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)) or not str(exc):
+        return None
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OURS):
+        return None
+    return str(exc)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

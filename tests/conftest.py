@@ -106,3 +106,33 @@ def manifest_config(source="manifest", **data):
     cfg.prep.vocab_size = 64
     cfg.data.update(data)
     return cfg
+
+
+def write_demo_case(folder, name, seed):
+    """A synthetic demo CT and its TotalSegmentator v2 labels as <folder>/<name>.nii.gz and <folder>/<name>_seg.nii.gz;
+    returns (image path, segmentation path, the case)."""
+    import nibabel as nib
+
+    from input_pipeline import demo_data
+
+    case = demo_data.generate_case(np.random.default_rng(seed))
+    ct, seg = Path(folder) / f"{name}.nii.gz", Path(folder) / f"{name}_seg.nii.gz"
+    nib.save(nib.Nifti1Image(case["image"], case["affine"]), ct)
+    nib.save(nib.Nifti1Image(case["seg"], case["affine"]), seg)
+    return ct, seg, case
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """An export folder of a randomly initialised fVLM on configs/demo.py:tiny (no training: plumbing and numerics
+    against the Predictor, not accuracy), with a tokenizer trained on one demo report."""
+    from fvlm_jax import export, train_state
+    from input_pipeline.tokenizer import train_tokenizer
+    from input_pipeline.totalseg_classes import CLASS_TABLES
+
+    tmp = tmp_path_factory.mktemp("tiny_export")
+    _, _, case = write_demo_case(tmp, "tok", 0)
+    train_tokenizer([case["findings"], case["impression"]] * 10, str(tmp / "tok.model"), 64)
+    cfg = tiny_config()
+    return Path(export.export(train_state.create_model(cfg, "fvlm"), "fvlm", cfg, str(tmp / "tok.model"),
+                              CLASS_TABLES["total"], str(tmp / "export" / "fvlm")))

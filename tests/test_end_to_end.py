@@ -1,10 +1,12 @@
 """The real CLI on the demo config (tiny sizes): prepare -> train both methods -> eval -> export, resume, inference."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import ROOT, TINY_CONFIG, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
 
@@ -83,8 +85,13 @@ def test_train_eval_export_and_resume(prepared_demo):
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
-    with pytest.raises(AssertionError, match="must be divisible by model.vision.patch_zyx"):
-        run_cli(tmp_path, "--mode=prepare", "--config.model.input_zyx=(30, 48, 64)")
+    """One message and exit status 1, no traceback (run.py: config_checks.user_error)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), TINY_CONFIG, f"--workdir={tmp_path}", "--mode=prepare",
+           "--config.model.input_zyx=(30, 48, 64)"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: invalid config:") and "must be divisible by model.vision.patch_zyx" in (
+        res.stderr), res.stderr
 
 
 def test_every_documented_data_override_exists():
