@@ -165,8 +165,9 @@ def evaluate_method(cfg: ml_collections.ConfigDict, method: str, workdir: str, s
         auc = evaluate.zero_shot_report(data["scores"], data["targets"], spec.names)["mean_auc"]
         selection[step] = auc
         log.info("%s step %d: %s macro AUC %.4f", method, step, valid, auc)
-        if best is None or not auc < best[0]:  # NaN never wins over a number; ties go to the later step
-            best = (auc if np.isfinite(auc) else -np.inf, step, model, data)
+        ranked = auc if np.isfinite(auc) else -np.inf  # NaN (no task with both classes) never wins over a number
+        if best is None or ranked >= best[0]:  # ties go to the later step
+            best = (ranked, step, model, data)
     _, step, model, valid_data = best
     image_enc.load(model)
     prompt_enc.load(model)

@@ -391,6 +391,13 @@ def test_checkpoint_choice_and_task_spec_checks():
     cfg.eval.prompt_variants = [("lung", "Cardiomegaly", "a", "b")]
     with pytest.raises(ValueError, match="not a task"):
         zero_shot.task_spec(cfg, [t[1] for t in demo.TASKS])
+    from fvlm_jax import config_checks
+
+    cfg.eval.update(count="per_volume", checkpoints="best")
+    with pytest.raises(ValueError) as err:
+        config_checks.validate(cfg)
+    for key in ("eval.prompt_variants", "eval.count", "eval.checkpoints"):
+        assert key in str(err.value)
     ct = ct_rate.get_config()
     assert len(ct_rate.LABEL_ANATOMY) == 18 and len(ct.eval.tasks) == 16
     assert {t[1] for t in ct.eval.tasks} == {k for k, v in ct_rate.LABEL_ANATOMY.items() if v}
