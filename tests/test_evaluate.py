@@ -128,6 +128,12 @@ def test_pipelined_encoding_equals_one_batch_at_a_time():
         np.testing.assert_array_equal(got["emb"], want)
         np.testing.assert_array_equal(got["targets"], np.concatenate([b["targets"][b["mask"]] for b in batches]))
         assert got["ids"] == ["0-0", "0-1", "0-2", "0-3", "1-0", "1-1", "1-2", "1-3", "2-0", "2-1"]
+        for key in evaluate.TEXT_KEYS:  # the records' texts ride along, for retrieval
+            np.testing.assert_array_equal(got[key], np.concatenate([b[key][b["mask"]] for b in batches]))
+    # Texts in chunks of 4 (the last padded): as one direct call.
+    tokens = got["report_tokens"][:, :32]
+    np.testing.assert_allclose(evaluate.text_embeddings(model, tokens, batch_size=4),
+                               np.asarray(model.encode_text(tokens)), atol=1e-6)
     # The eval stream's form: labels packed (k voxels per byte), each sample's window shifted into its first byte.
     from input_pipeline import label_packing
     rng = np.random.default_rng(0)
