@@ -82,6 +82,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    keys = {(t[0], t[1]) for t in cfg.eval.tasks if len(t) == 4}
+    for pair in cfg.eval.prompt_variants:
+        if len(pair) != 4 or (pair[0], pair[1]) not in keys:
+            errors.append(f"eval.prompt_variants entry {pair!r}: need (anatomy, label) of an eval.tasks entry, "
+                          "negative, positive")
+    if cfg.eval.count not in ("scan", "reconstruction"):
+        errors.append(f"eval.count={cfg.eval.count!r}: choose 'scan' or 'reconstruction'")
+    if str(cfg.eval.checkpoints).strip() not in ("latest", "all") and not all(
+            s.isdigit() for s in str(cfg.eval.checkpoints).replace(",", " ").split()):
+        errors.append(f"eval.checkpoints={cfg.eval.checkpoints!r}: 'latest', 'all' or steps such as '200,400'")
+    if cfg.eval.bootstrap_draws < 1:
+        errors.append("eval.bootstrap_draws must be >= 1")
     if cfg.data.reconstructions not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")
     if (reads := cfg.data.parallel_reads) != -1 and reads < 1:
