@@ -153,6 +153,19 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def exported_step(workdir: str, method: str) -> int | None:
+    """The step --mode=eval chose for `method` (eval/<method>.json), if evaluation ran and that checkpoint is still
+    saved; else None (the latest). Export ships the checkpoint that the reported numbers belong to."""
+    chosen = (read_json(os.path.join(workdir, "eval", f"{method}.json")) or {}).get("step")
+    if chosen is None:
+        return None
+    saved = zero_shot.saved_steps(os.path.join(train_dir(workdir, method), "checkpoints"))
+    if chosen not in saved:
+        log.warning("%s: eval chose step %d, which is no longer saved; exporting the latest step", method, chosen)
+        return None
+    return chosen
+
+
 def run_export(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -161,8 +174,11 @@ def run_export(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     mesh = sharding.make_mesh(cfg)
     out = []
     for method in cfg.train.methods:
-        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh)
+        step = exported_step(workdir, method)
+        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh,
+                                         step)
         out.append(export.export(model, method, cfg, tok_path, CLASS_TABLES[cfg.prep.class_table],
                                  os.path.join(workdir, "export", method)))
-        log.info("exported %s to %s", method, out[-1])
+        log.info("exported %s (%s) to %s", method, "latest step" if step is None else
+                 f"step {step}, chosen by --mode=eval on the valid split", out[-1])
     return out

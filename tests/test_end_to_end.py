@@ -91,8 +91,9 @@ def test_train_eval_export_and_resume(prepared_demo):
     assert set(enc["embeddings"]) == set(pred.anatomies) and all(enc["present"].values())
     np.testing.assert_allclose(np.linalg.norm(enc["embeddings"]["lung"]), 1.0, rtol=1e-4)
 
-    # The exported model (the last step, 6) on the raw files gives the embeddings evaluation computes from the
-    # records.
+    # Export ships the checkpoint evaluation chose; on the raw files it gives the embeddings evaluation computes
+    # from the records.
+    assert f"exported fvlm (step {detail['fvlm']['step']}, chosen by --mode=eval" in res.stderr
     from fvlm_jax import evaluate
     from input_pipeline import tfdata
 
@@ -104,9 +105,9 @@ def test_train_eval_export_and_resume(prepared_demo):
     for i, anatomy in enumerate(pred.anatomies):
         np.testing.assert_allclose(enc["embeddings"][anatomy], from_records["emb"][row, i], atol=1e-4)
 
-    # Step 6's valid macro AUC, as the checkpoint selection scored it, recounted from these embeddings: each task's
-    # prompt pairs (eval.tasks and eval.prompt_variants of the tiny config) averaged by hand, AUC as the share of
-    # (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
+    # The chosen step's valid macro AUC, as the checkpoint selection scored it, recounted from these embeddings:
+    # each task's prompt pairs (eval.tasks and eval.prompt_variants of the tiny config) averaged by hand, AUC as
+    # the share of (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
     from conftest import tiny_config
 
     cfg = tiny_config()
@@ -123,7 +124,8 @@ def test_train_eval_export_and_resume(prepared_demo):
         pos, neg = s[y == 1], s[y == 0]
         if len(pos) and len(neg):
             aucs.append(np.mean([1.0 if x > z else 0.5 if x == z else 0.0 for x in pos for z in neg]))
-    assert detail["fvlm"]["selection"]["candidates"]["6"] == pytest.approx(np.mean(aucs), abs=1e-6)
+    chosen = str(detail["fvlm"]["step"])
+    assert detail["fvlm"]["selection"]["candidates"][chosen] == pytest.approx(np.mean(aucs), abs=1e-6)
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
