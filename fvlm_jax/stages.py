@@ -12,6 +12,8 @@ import shutil
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from fvlm_jax import checkpoint, export, plots, sharding, text_lengths, train, zero_shot
 from fvlm_jax.layout import load_manifest, load_stats, read_json, records_dir, train_dir
@@ -155,11 +157,18 @@ def results_table(results: dict) -> str:
 
 def exported_step(workdir: str, method: str) -> int | None:
     """The step --mode=eval chose for `method` (eval/<method>.json), if evaluation ran and that checkpoint is still
-    saved; else None (the latest). Export ships the checkpoint that the reported numbers belong to."""
-    chosen = (read_json(os.path.join(workdir, "eval", f"{method}.json")) or {}).get("step")
+    saved; else None (the latest). Export ships the checkpoint that the reported numbers belong to. Process 0 wrote
+    the file, so its reading is given to every process (no process may read it before it is written)."""
+    chosen = None
+    if jax.process_index() == 0:
+        chosen = (read_json(os.path.join(workdir, "eval", f"{method}.json")) or {}).get("step")
+    if jax.process_count() > 1:
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if chosen is None else chosen)))
+        chosen = None if chosen < 0 else chosen
     if chosen is None:
         return None
-    saved = zero_shot.saved_steps(os.path.join(train_dir(workdir, method), "checkpoints"))
+    ckdir = os.path.join(train_dir(workdir, method), "checkpoints")
+    saved = {int(d) for d in os.listdir(ckdir) if d.isdigit()} if os.path.isdir(ckdir) else set()  # committed
     if chosen not in saved:
         log.warning("%s: eval chose step %d, which is no longer saved; exporting the latest step", method, chosen)
         return None
