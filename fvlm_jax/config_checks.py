@@ -8,6 +8,7 @@ import ml_collections
 from fvlm_jax import sharding, text_lengths
 from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
+from input_pipeline import report_split
 
 MODES = ("prepare", "train", "eval", "export", "all")
 
@@ -57,6 +58,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    errors += report_split.vocabulary_errors(cfg.prep, cfg.data.decomposition_dir)
     if cfg.data.reconstructions not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")
     if (reads := cfg.data.parallel_reads) != -1 and reads < 1:
