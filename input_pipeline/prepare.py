@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from input_pipeline import ct_rate, label_packing, preprocess, records, report_split, sources
+from input_pipeline import ct_rate, label_packing, preprocess, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -312,7 +312,10 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     train_tokenizer(train_texts, tok_path, p.vocab_size)
     tok = Tokenizer(tok_path)
 
-    # 4. Records, in input order, from the cache.
+    # 4. Records, in input order, from the cache. TensorFlow is imported here, not at the top: every image worker
+    # (spawned) imports this module, and importing TensorFlow took each of them 10-15 s.
+    from input_pipeline import records
+
     spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns),
                             p.volume_encoding)
     k = label_packing.packing_factor(len(anatomies))
