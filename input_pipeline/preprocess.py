@@ -167,7 +167,7 @@ def choose_rescale(stored, slope: float, intercept: float, header_slope: float =
     raw = np.asarray(stored, np.float32)
     by_meta = raw * np.float32(slope) + np.float32(intercept)
     by_header = raw * np.float32(header_slope) + np.float32(header_intercept)
-    if np.array_equal(by_meta, by_header):
+    if np.array_equal(by_meta, by_header) or not np.isfinite(raw).all():  # non-finite: the CT check says so
         return "metadata"
     meta_ok, header_ok = looks_like_hu(by_meta), looks_like_hu(by_header)
     if meta_ok and header_ok:
