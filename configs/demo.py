@@ -40,6 +40,29 @@ TASKS = [
     ("spleen", "Splenomegaly", "No splenomegaly.", "Splenomegaly."),
     ("kidney", "Renal cyst", "No renal cyst.", "Renal cyst."),
 ]
+# More prompt pairs per task (anatomy, label, negative, positive): each task's score averages over its pairs in
+# TASKS and here (fvlm_jax.evaluate.mean_prompts). These are other sentences of the demo generator's own
+# vocabulary, written down from input_pipeline/demo_data.py without looking at any split's scores (nothing was
+# chosen on a split); eval/<method>.json reports each pair's valid-split AUC ("prompts").
+PROMPT_VARIANTS = [
+    ("lung", "Lung nodule", "There is no evidence of a lung nodule.", "Multiple solid pulmonary nodules are noted."),
+    ("lung", "Emphysema", "No emphysema.", "Emphysema."),
+    ("lung", "Pleural effusion", "No pleural effusion.", "Bilateral pleural effusions."),
+    ("lung", "Consolidation", "There is no evidence of pulmonary consolidation.",
+     "There is dense airspace consolidation, consistent with pneumonia."),
+    ("heart", "Cardiomegaly", "Heart size is normal.", "The heart is enlarged."),
+    ("heart", "Pericardial effusion", "There is no evidence of pericardial effusion.",
+     "A small pericardial effusion is present."),
+    ("heart", "Coronary artery wall calcification", "No coronary artery calcification is seen.",
+     "Coronary artery calcifications are present."),
+    ("esophagus", "Hiatal hernia", "The esophagus is unremarkable.", "A hiatal hernia is present."),
+    ("aorta", "Arterial wall calcification", "The aorta is of normal calibre without wall calcification.",
+     "Atherosclerotic calcifications of the thoracic aorta."),
+    ("liver", "Liver lesion", "No focal liver lesion is seen.", "Multiple hypoattenuating hepatic lesions."),
+    ("liver", "Hepatic steatosis", "Liver parenchyma is homogeneous.", "Fatty infiltration of the liver."),
+    ("spleen", "Splenomegaly", "The spleen is normal in size.", "The spleen is enlarged."),
+    ("kidney", "Renal cyst", "Both kidneys are unremarkable.", "Simple renal cortical cyst."),
+]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -156,7 +179,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.flip_prob = 0.2
     c.train.log_every = 25
     c.train.checkpoint_every = 200
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 4  # steps 200, 400, 600, 700: evaluation chooses among them on the valid split
 
     # Mesh axes (data, fsdp, tensor); data = -1 takes the devices the other two leave. The batch is split over
     # data x fsdp; fsdp also splits every weight and optimizer moment; tensor splits heads and MLP columns.
@@ -170,7 +193,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.tasks = TASKS
+    c.eval.prompt_variants = PROMPT_VARIANTS  # () = one prompt pair per task, the one in eval.tasks
     c.eval.batch_size = 32
+    # Which checkpoints are candidates: "latest", "all" (every one train.keep_checkpoints kept) or steps "200,400".
+    # Each method's step is the candidate with the best macro AUC on data.threshold_split (the valid split); only
+    # then is data.eval_split scored. Both methods are selected the same way.
+    c.eval.checkpoints = "all"
+    # "scan": one record per scan (CT-RATE: the reconstruction with the lowest number, train_1_a_1 of train_1_a_*);
+    # "reconstruction": every record (as fVLM's issue #12 counted). The demo has one reconstruction per scan.
+    c.eval.count = "scan"
+    # Percentile intervals over bootstrap draws of patients (all scans of a drawn patient go in), seeded; the same
+    # draws for every task and method.
+    c.eval.bootstrap_draws = 1000
+    c.eval.bootstrap_seed = 0
 
     if arg == "tiny":  # the tests' shared config (configs/demo.py:tiny): seconds per stage on a 2-core CPU
         c.data.update(num_train=32, num_valid=12, num_test=12, num_shards=2)

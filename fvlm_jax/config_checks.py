@@ -1,6 +1,9 @@
-"""Early, readable errors for bad config values (before minutes of preparation or compilation are spent)."""
+"""Early, readable errors for bad config values (before minutes of preparation or compilation are spent), and which
+errors run.py reports as one line instead of a traceback."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import ml_collections
@@ -10,7 +13,29 @@ from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 from input_pipeline import report_split
 
-MODES = ("prepare", "train", "eval", "export", "all")
+MODES = ("prepare", "train", "eval", "export", "all", "predict")
+# Where this project's code lives: an error raised here with a message is the user's to fix (see user_error).
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = tuple(os.path.join(_PROJECT, d) + os.sep for d in ("fvlm_jax", "input_pipeline", "configs")) + (
+    os.path.join(_PROJECT, "run.py"),)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message to show instead of a traceback, or None for an error that looks like a bug.
+
+    A user error is a ValueError, OSError (FileNotFoundError, ...) or RuntimeError that this project's code raised
+    itself (the innermost frame of its traceback is in fvlm_jax/, input_pipeline/, configs/ or run.py): a bad config
+    value, a missing or unusable input, data.strict's rejects. Anything else (an IndexError, an error raised inside
+    JAX or NumPy) keeps its traceback.
+    """
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)) or not str(exc):
+        return None
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OURS):
+        return None
+    return str(exc)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -58,6 +83,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for task in cfg.eval.tasks:
         if len(task) != 4 or task[0] not in anatomies:
             errors.append(f"eval.tasks entry {task!r}: need (anatomy in prep.anatomies, label, negative, positive)")
+    keys = {(t[0], t[1]) for t in cfg.eval.tasks if len(t) == 4}
+    for pair in cfg.eval.prompt_variants:
+        if len(pair) != 4 or (pair[0], pair[1]) not in keys:
+            errors.append(f"eval.prompt_variants entry {pair!r}: need (anatomy, label) of an eval.tasks entry, "
+                          "negative, positive")
+    if cfg.eval.count not in ("scan", "reconstruction"):
+        errors.append(f"eval.count={cfg.eval.count!r}: choose 'scan' or 'reconstruction'")
+    if str(cfg.eval.checkpoints).strip() not in ("latest", "all") and not all(
+            s.isdigit() for s in str(cfg.eval.checkpoints).replace(",", " ").split()):
+        errors.append(f"eval.checkpoints={cfg.eval.checkpoints!r}: 'latest', 'all' or steps such as '200,400'")
+    if cfg.eval.bootstrap_draws < 1:
+        errors.append("eval.bootstrap_draws must be >= 1")
     errors += report_split.vocabulary_errors(cfg.prep, cfg.data.decomposition_dir)
     if cfg.data.reconstructions not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")

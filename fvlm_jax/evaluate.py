@@ -1,10 +1,12 @@
-"""Zero-shot classification: per anatomy, a negative/positive prompt pair, softmax score; AUC and CT-CLIP metrics.
+"""Zero-shot classification: per anatomy, negative/positive prompt pairs, softmax score; AUC and CT-CLIP metrics.
 
 Protocol: the score of a task is softmax([s_neg, s_pos] / temperature)[pos] with s = image-anatomy embedding .
-prompt embedding. Per-task decision thresholds (closest ROC point to (0, 1)) are chosen on `data.threshold_split`
-and applied to `data.eval_split`; with two different splits nothing is tuned on the reported numbers (the demo).
-CT-RATE has no third split, so configs/ct_rate.py uses the reported split for both, as CT-CLIP does (AUC is
-threshold-free either way).
+prompt embedding; a task with several prompt pairs uses the mean of its pairs' embeddings (`mean_prompts`), i.e.
+the mean similarity. Per-task decision thresholds (closest ROC point to (0, 1)) are chosen on
+`data.threshold_split` and applied to `data.eval_split`; with two different splits nothing is tuned on the reported
+numbers (the demo). CT-RATE has no third split, so configs/ct_rate.py uses the reported split for both, as CT-CLIP
+does (AUC is threshold-free either way). Bootstrap intervals and retrieval: `fvlm_jax.eval_stats`; the whole
+`--mode=eval` run: `fvlm_jax.zero_shot`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class ImageEncoder:
         self._spec = sharding.logical_to_spec(("batch",), rules)
         self._shards = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(self._spec))]))
 
+    def load(self, model: FVLM) -> None:
+        """Encode with `model`'s weights from now on. The model must have the same architecture and parameter
+        shardings (another checkpoint of the same run): the compiled function is reused, not compiled again."""
+        self._state = nnx.split(model)[1]
+
     def put(self, image: np.ndarray, labels: np.ndarray, label_shift: np.ndarray | None = None) -> tuple:
         """(image, labels, label_shift) on the devices (label_shift stays None for unpacked labels)."""
         arrays = (image, labels, label_shift)
@@ -81,7 +88,9 @@ def image_encoder(model: FVLM, mesh: jax.sharding.Mesh | None = None, rules=None
 
 def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax.sharding.Mesh | None = None,
                   rules=None, *, ahead: int = 2, desc: str | None = None) -> dict:
-    """Embeds every scan: returns {"emb": [N, A, E], "targets": [N, C], "ids": [N]} (padding rows dropped).
+    """Embeds every scan: returns {"emb": [N, A, E], "targets": [N, C], "ids": [N]} (padding rows dropped), plus
+    the batches' texts where they hold them (`TEXT_KEYS`: text_tokens [N, A, L], has_text [N, A], report_tokens
+    [N, R]; retrieval embeds them with `text_embeddings`).
 
     Pipelined like the training loop: a background thread copies `ahead` batches to the devices ahead of the
     encoder (0: copy in the loop), and batch k+1 is dispatched before batch k's embeddings are read back. `desc`
@@ -94,10 +103,11 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
         keep = np.asarray(b["mask"], bool)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(b["id"])[keep]]
         arrays = (b["image"], b["labels_packed"], b["label_shift"]) if "label_shift" in b else (b["image"], b["labels"])
-        return enc.put(*arrays), keep, np.asarray(b["targets"])[keep], ids
+        texts = {k: np.asarray(b[k])[keep] for k in TEXT_KEYS if k in b}
+        return enc.put(*arrays), keep, np.asarray(b["targets"])[keep], ids, texts
 
     staged = prefetch(batches, stage, ahead) if ahead > 0 else (stage(b) for b in batches)
-    embs, targets, ids = [], [], []
+    embs, targets, ids, texts = [], [], [], []
     bar = tqdm(desc=desc, unit="scan", disable=desc is None or jax.process_index() != 0)
 
     def collect(emb: jax.Array, keep: np.ndarray) -> None:
@@ -106,13 +116,14 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
 
     pending = None  # (embeddings dispatched but not yet read back, keep)
     try:
-        for arrays, keep, t, i in staged:
+        for arrays, keep, t, i, x in staged:
             emb = enc.encode(*arrays)[0]
             if pending is not None:
                 collect(*pending)
             pending = (emb, keep)
             targets.append(t)
             ids.extend(i)
+            texts.append(x)
         if pending is not None:
             collect(*pending)
     finally:
@@ -120,24 +131,77 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
         bar.close()
     if not embs:
         raise ValueError("encode_images: no batches")
-    return {"emb": np.concatenate(embs), "targets": np.concatenate(targets), "ids": ids}
+    out = {"emb": np.concatenate(embs), "targets": np.concatenate(targets), "ids": ids}
+    return out | {k: np.concatenate([x[k] for x in texts]) for k in texts[0]}
 
 
-def prompt_embeddings(model: FVLM, tokens: np.ndarray) -> np.ndarray:
-    """tokens [T, 2, L] (negative, positive prompt per task) -> [T, 2, E].
+TEXT_KEYS = ("text_tokens", "has_text", "report_tokens")
+
+
+class TextEmbedder:
+    """Embeds token arrays with a model's text tower: call it with tokens [N, ..., L] to get [N, ..., E] on the
+    host. With `lengths` (one per anatomy), tokens [N, A, L] are anatomy texts, each cut to its anatomy's length as
+    in training (`FVLM.encode_anatomy_texts`). `batch_size` > 0 encodes N in chunks of that many (the last padded,
+    so one compiled shape). `load` swaps in another checkpoint's weights and keeps the compiled function.
 
     The weights go in as arguments, not closed over: a model trained with FSDP across hosts has weights no process
     holds whole. On such a model's mesh the tokens and the result are replicated, so every process reads it back.
     """
-    graphdef, state = nnx.split(model)
-    encode = lambda st, t: nnx.merge(graphdef, st).encode_text(t)  # noqa: E731
-    mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
-                 if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)), None)
-    if mesh is None:
-        return np.asarray(jax.jit(encode)(state, tokens))
-    whole = NamedSharding(mesh, P())
-    with jax.set_mesh(mesh):
-        return np.asarray(jax.jit(encode, out_shardings=whole)(state, jax.device_put(tokens, whole)))
+
+    def __init__(self, model: FVLM, lengths: Sequence[int] | None = None):
+        graphdef, state = nnx.split(model)
+        lengths = None if lengths is None else tuple(int(n) for n in lengths)
+
+        def encode(st, tokens):
+            m = nnx.merge(graphdef, st)
+            return m.encode_text(tokens) if lengths is None else m.encode_anatomy_texts(tokens, lengths)
+
+        self.mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
+                          if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)), None)
+        self._whole = None if self.mesh is None else NamedSharding(self.mesh, P())
+        self._enc = jax.jit(encode, out_shardings=self._whole)
+        self._state = state
+
+    def load(self, model: FVLM) -> None:
+        """Embed with `model`'s weights from now on (same architecture and shardings)."""
+        self._state = nnx.split(model)[1]
+
+    def __call__(self, tokens: np.ndarray, batch_size: int = 0) -> np.ndarray:
+        n = len(tokens)
+        size = batch_size if 0 < batch_size < n else n
+        out = []
+        for start in range(0, n, size):
+            chunk = tokens[start:start + size]
+            pad = size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+            if self.mesh is None:
+                out.append(np.asarray(self._enc(self._state, chunk))[:size - pad])
+            else:
+                with jax.set_mesh(self.mesh):
+                    out.append(np.asarray(self._enc(self._state, jax.device_put(chunk, self._whole)))[:size - pad])
+        return np.concatenate(out)
+
+
+def text_embeddings(model: FVLM, tokens: np.ndarray, lengths: Sequence[int] | None = None,
+                    batch_size: int = 0) -> np.ndarray:
+    """tokens [N, ..., L] -> [N, ..., E] (see TextEmbedder)."""
+    return TextEmbedder(model, lengths)(tokens, batch_size)
+
+
+def prompt_embeddings(model: FVLM, tokens: np.ndarray) -> np.ndarray:
+    """tokens [T, 2, L] (negative, positive prompt per task or prompt pair) -> [T, 2, E] (`text_embeddings`)."""
+    return text_embeddings(model, tokens)
+
+
+def mean_prompts(pair_emb: np.ndarray, task_of_pair: Sequence[int], num_tasks: int) -> np.ndarray:
+    """pair_emb [P, 2, E] of P prompt pairs, task_of_pair[p] its task -> [T, 2, E], each task's mean over its pairs.
+    Scores are linear in the prompt embedding, so this is the mean of the pairs' similarities (s_neg, s_pos) before
+    the two-way softmax (prompt ensembling as in CLIP, without renormalising the mean)."""
+    task_of_pair = np.asarray(task_of_pair)
+    if sorted(set(task_of_pair.tolist())) != list(range(num_tasks)):
+        raise ValueError(f"every task needs at least one prompt pair: pairs cover tasks {sorted(set(task_of_pair))}")
+    return np.stack([pair_emb[task_of_pair == t].mean(0) for t in range(num_tasks)])
 
 
 def task_scores(img_emb: np.ndarray, prompt_emb: np.ndarray, anatomy_index: Sequence[int],

@@ -2,11 +2,13 @@
 
 Folder layout:
   params/            Orbax checkpoint of the model parameters only (no optimizer state)
-  model.json         method ("fvlm" or "clip") and the model config
+  model.json         format_version, method ("fvlm" or "clip") and the model config
   tokenizer.model    sentencepiece model
   anatomies.json     anatomy names in model order and their TotalSegmentator classes (name -> id table included)
   preprocessing.json spacing, HU window, crop margin, minimum and model input sizes
   tasks.json         zero-shot tasks: anatomy, label, negative and positive prompt
+  portable/          the image and text encoders as jax.export StableHLO with their weights (fvlm_jax.portable):
+                     runnable with jax and numpy only, without this project's code
 
 No TensorFlow is needed to load or use it: preprocessing is numpy/nibabel/scipy, tokenisation is sentencepiece.
 """
@@ -25,10 +27,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fvlm_jax.evaluate import image_encoder, task_scores
+from fvlm_jax import portable
+from fvlm_jax.evaluate import image_encoder, prompt_embeddings, task_scores
 from fvlm_jax.models.fvlm import FVLM
 from input_pipeline import preprocess
 from input_pipeline.tokenizer import Tokenizer
+
+# Bumped whenever a reader of an older folder would misread it. 2: format_version recorded, portable/ added.
+FORMAT_VERSION = 2
 
 
 def _write_json(path, obj):
@@ -49,12 +55,14 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
     params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, "params"), params)
+    whole = portable.host_params(model)  # every process takes part in gathering weights split across hosts
     if not writer:
         return out_dir
     p = cfg.prep
     anatomies = {a: list(classes) for a, classes in p.anatomies.items()}
     needed = {c for classes in anatomies.values() for c in classes}
-    _write_json(os.path.join(out_dir, "model.json"), {"method": method, "model": cfg.model.to_dict()})
+    _write_json(os.path.join(out_dir, "model.json"),
+                {"format_version": FORMAT_VERSION, "method": method, "model": cfg.model.to_dict()})
     shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
     _write_json(os.path.join(out_dir, "anatomies.json"), {
         "anatomies": anatomies, "class_table_version": p.class_table,
@@ -64,7 +72,30 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
         "min_size_zyx": list(p.min_size_zyx), "input_zyx": list(cfg.model.input_zyx), "text_len": p.text_len})
     _write_json(os.path.join(out_dir, "tasks.json"),
                 [{"anatomy": a, "label": lbl, "negative": n, "positive": pos} for a, lbl, n, pos in cfg.eval.tasks])
+    portable.export_encoders(cfg.model, method, len(anatomies), whole, os.path.join(out_dir, "portable"),
+                             anatomies=list(anatomies), text_len=p.text_len)
     return out_dir
+
+
+def read_export_json(folder: str, name: str):
+    """A JSON file of an export folder; a missing folder or file is a FileNotFoundError with a readable message."""
+    path = os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"export folder not found: {folder}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} is not a complete export folder: {name} is missing (run --mode=export)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_format(meta: Mapping, folder: str) -> None:
+    """Raises ValueError unless the export's model.json carries this code's FORMAT_VERSION."""
+    version = meta.get("format_version")  # absent in folders written before versions were recorded
+    if version != FORMAT_VERSION:
+        found = "no format_version (written before versions were recorded)" if version is None else (
+            f"format version {version}")
+        raise ValueError(f"export folder {folder} has {found}; this fvlm-jax reads format version {FORMAT_VERSION}: "
+                         "export the model again with this version (--mode=export)")
 
 
 class Predictor:
@@ -72,22 +103,22 @@ class Predictor:
 
     def __init__(self, folder: str):
         folder = os.path.abspath(folder)
-
-        def read(name):
-            with open(os.path.join(folder, name)) as f:
-                return json.load(f)
-
-        meta = read("model.json")
+        meta = read_export_json(folder, "model.json")
+        check_format(meta, folder)
+        self.folder = folder
         self.method = meta["method"]
         self.model_cfg = ml_collections.ConfigDict(meta["model"])
         # The attention kernel is a property of the host, not of the weights: the exporting run's choice ("cudnn"
         # on a GPU, say) may not exist where the model is used.
         self.model_cfg.attention = "auto"
-        anat = read("anatomies.json")
+        anat = read_export_json(folder, "anatomies.json")
         self.anatomies = dict(anat["anatomies"])
         self.class_table = {int(i): n for i, n in anat["class_ids"].items()}
-        self.prep = read("preprocessing.json")
-        self.tasks = read("tasks.json")
+        self.prep = read_export_json(folder, "preprocessing.json")
+        self.tasks = read_export_json(folder, "tasks.json")
+        for name in ("tokenizer.model", "params"):
+            if not os.path.exists(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{folder} is not a complete export folder: {name} is missing")
         self.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
         abstract = nnx.eval_shape(lambda: FVLM(self.model_cfg, len(self.anatomies),
                                                global_pool=self.method == "clip", rngs=nnx.Rngs(0)))
@@ -101,34 +132,74 @@ class Predictor:
             params = ckpt.restore(os.path.join(folder, "params"), abstract_params)
         self.model = nnx.merge(graphdef, params, rest)
         self._encode = image_encoder(self.model)
+        self._task_prompts = None
 
-    def preprocess(self, image: str, segmentation: str) -> dict:
-        """The training preprocessing, then the model's fixed input size (centre crop / pad)."""
+    @property
+    def embedding_names(self) -> list[str]:
+        """Names of the embeddings `encode` returns: the anatomies, or ["global"] for a CLIP export."""
+        return ["global"] if self.method == "clip" else list(self.anatomies)
+
+    def preprocess_sample(self, image: str, segmentation: str, *, empty_ok: bool = False) -> dict:
+        """`preprocess.preprocess_scan` with the export's settings (the training preprocessing, HU plausibility
+        check included), plus "input_image" and "input_labels": the model's fixed input size (centre crop / pad).
+        `empty_ok`: a segmentation without any of the anatomies gives the whole volume instead of a rejection."""
         out = preprocess.preprocess_scan(
             image, segmentation, class_table=self.class_table, anatomies=self.anatomies,
             spacing_xyz=self.prep["spacing_xyz"], hu_window=self.prep["hu_window"],
-            margin_zyx=self.prep["margin_zyx"], min_size_zyx=self.prep["min_size_zyx"])
+            margin_zyx=self.prep["margin_zyx"], min_size_zyx=self.prep["min_size_zyx"], check_ct=True,
+            empty_ok=empty_ok)
         size = self.prep["input_zyx"]
-        return {"image": preprocess.fit_to_size(out["image"], size), "labels": preprocess.fit_to_size(out["labels"],
-                                                                                                       size)}
+        out["input_image"] = preprocess.fit_to_size(out["image"], size)
+        out["input_labels"] = preprocess.fit_to_size(out["labels"], size)
+        return out
+
+    def preprocess(self, image: str, segmentation: str) -> dict:
+        """The training preprocessing, then the model's fixed input size (centre crop / pad)."""
+        out = self.preprocess_sample(image, segmentation)
+        return {"image": out["input_image"], "labels": out["input_labels"]}
+
+    def use_encoder(self, encoder) -> None:
+        """Encode with `encoder` (an `evaluate.ImageEncoder` of this model, e.g. split over several devices)."""
+        self._encode = encoder
+
+    def encode_batch(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """image uint8 [B, Z, Y, X], labels [B, Z, Y, X] at the model input size -> (emb [B, A, E] (A = 1 for CLIP),
+        present [B, A], intact [B, A]: the anatomy has voxels in the input, and touches none of its faces)."""
+        emb, present, intact = self._encode(image, labels)
+        return np.asarray(emb), np.asarray(present), np.asarray(intact)
 
     def encode(self, image: str, segmentation: str) -> dict:
-        """Returns {"embeddings": {anatomy: [E]} (or {"global": [E]} for CLIP), "present": {anatomy: bool}}."""
+        """Returns {"embeddings": {anatomy: [E]} (or {"global": [E]} for CLIP), "present": {anatomy: bool},
+        "intact": {anatomy: bool}} ("present"/"intact" within the model's input crop, as in training)."""
         x = self.preprocess(image, segmentation)
-        emb, present, _ = self._encode(x["image"][None], x["labels"][None])
-        emb, present = np.asarray(emb[0]), np.asarray(present[0])
-        names = ["global"] if self.method == "clip" else list(self.anatomies)
-        return {"embeddings": dict(zip(names, emb)), "present": dict(zip(self.anatomies, present.tolist()))}
+        emb, present, intact = self.encode_batch(x["image"][None], x["labels"][None])
+        return {"embeddings": dict(zip(self.embedding_names, emb[0])),
+                "present": dict(zip(self.anatomies, present[0].tolist())),
+                "intact": dict(zip(self.anatomies, intact[0].tolist()))}
+
+    def prompt_embeddings(self, tasks: Sequence[Mapping]) -> np.ndarray:
+        """[T, 2, E]: each task's negative and positive prompt embedded by the text encoder."""
+        prompts = self.tokenizer.encode([p for t in tasks for p in (t["negative"], t["positive"])],
+                                        self.prep["text_len"]).reshape(len(tasks), 2, -1)
+        return prompt_embeddings(self.model, prompts)
+
+    def task_probabilities(self, emb: np.ndarray, tasks: Sequence[Mapping] | None = None) -> np.ndarray:
+        """emb [B, A, E] from `encode_batch` -> P(positive) [B, T] for `tasks` (default: the exported ones, whose
+        prompt embeddings are computed once)."""
+        if tasks is None:
+            if self._task_prompts is None:
+                self._task_prompts = self.prompt_embeddings(self.tasks)
+            tasks, prompt_emb = self.tasks, self._task_prompts
+        else:
+            prompt_emb = self.prompt_embeddings(tasks)
+        names = self.embedding_names
+        index = [0 if self.method == "clip" else names.index(t["anatomy"]) for t in tasks]
+        return task_scores(emb, prompt_emb, index, float(self.model.temp()))
 
     def score(self, image: str, segmentation: str, tasks: Sequence[Mapping] | None = None) -> dict[str, float]:
         """P(positive) for each task ({"anatomy", "label", "negative", "positive"}; default: the exported ones)."""
-        tasks = list(tasks or self.tasks)
         enc = self.encode(image, segmentation)
-        names = list(enc["embeddings"])
-        img = np.stack([enc["embeddings"][n] for n in names])[None]
-        prompts = self.tokenizer.encode([p for t in tasks for p in (t["negative"], t["positive"])],
-                                        self.prep["text_len"]).reshape(len(tasks), 2, -1)
-        prompt_emb = np.asarray(self.model.encode_text(prompts))
-        index = [0 if self.method == "clip" else names.index(t["anatomy"]) for t in tasks]
-        scores = task_scores(img, prompt_emb, index, float(self.model.temp()))[0]
+        emb = np.stack([enc["embeddings"][n] for n in self.embedding_names])[None]
+        tasks = list(tasks or self.tasks)
+        scores = self.task_probabilities(emb, tasks)[0]
         return {f"{t['anatomy']}/{t['label']}": float(s) for t, s in zip(tasks, scores)}

@@ -4,7 +4,8 @@
   records/    prepared TFRecords (tfds folder), tokenizer.model, manifest.json, stats.json, rejects.jsonl
   train/      fVLM checkpoints/, metrics.jsonl and tensorboard/ (event files, with train.tensorboard)
   clip/train/ the whole-volume CLIP baseline, same layout
-  eval/       <method>.json zero-shot results, auc.png, training.png;  summary.json at the top
+  eval/       <method>.json zero-shot results, scores_<method>_<split>.csv, report.md, roc.png, reliability.png,
+              auc.png, training.png;  summary.json at the top
   export/<method>/  self-contained inference folders (fvlm_jax.export.Predictor)
 """
 

@@ -12,9 +12,8 @@ import shutil
 
 import jax
 import ml_collections
-import numpy as np
 
-from fvlm_jax import checkpoint, evaluate, export, plots, sharding, text_lengths, train
+from fvlm_jax import checkpoint, export, plots, sharding, text_lengths, train, zero_shot
 from fvlm_jax.layout import load_manifest, load_stats, read_json, records_dir, train_dir
 
 log = logging.getLogger(__name__)
@@ -80,64 +79,91 @@ def prepared_config(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_co
 
 
 def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Zero-shot evaluation of every method (fvlm_jax.zero_shot): checkpoint chosen on the valid split, the
+    reported split scored with bootstrap intervals, retrieval; process 0 writes eval/ and summary.json."""
     from input_pipeline import tfdata
     from input_pipeline.tokenizer import Tokenizer
 
     cfg, manifest = prepared_config(cfg, workdir)
     rdir = records_dir(workdir)
     tok = Tokenizer(os.path.join(rdir, manifest["tokenizer"]))
-    anatomies = manifest["anatomies"]
-    columns = manifest["label_columns"]
-    tasks = list(cfg.eval.tasks)
-    missing = [t[1] for t in tasks if t[1] not in columns]
-    if missing:
-        raise ValueError(f"eval.tasks labels {missing} are not columns of the label table {columns}")
-    names = [f"{a}/{label}" for a, label, _, _ in tasks]
-    cols = [columns.index(t[1]) for t in tasks]
-    prompts = tok.encode([p for t in tasks for p in (t[2], t[3])], cfg.prep.text_len).reshape(len(tasks), 2, -1)
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    summary, results = {}, {}
-    mesh = sharding.make_mesh(cfg)
-    for method in cfg.train.methods:
-        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh)
-        index = [0 if method == "clip" else anatomies.index(t[0]) for t in tasks]
-        prompt_emb = evaluate.prompt_embeddings(model, prompts)
-        temp = float(model.temp())
-        per_split = {}
-        encoder = evaluate.image_encoder(model, mesh, cfg.sharding.rules)  # compiled once for both splits
-        for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
-            enc = evaluate.encode_images(encoder, tfdata.eval_batches(
-                rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx),
-                ahead=cfg.data.prefetch_to_device, desc=f"encode {method} {split}")
-            per_split[split] = (evaluate.task_scores(enc["emb"], prompt_emb, index, temp), enc["targets"][:, cols])
-        scores, targets = per_split[cfg.data.eval_split]
-        thr_scores, thr_targets = per_split[cfg.data.threshold_split]
-        result = evaluate.zero_shot_report(scores, targets, names, thr_scores, thr_targets)
-        result["split"], result["threshold_split"] = cfg.data.eval_split, cfg.data.threshold_split
-        results[method] = result
-        summary[method] = {"mean_auc": result["mean_auc"], "per_task": result["per_task"]}
+
+    def batches(split):
+        return tfdata.eval_batches(rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx)
+
+    summary, results, data = zero_shot.evaluate_all(cfg, workdir, manifest, tok, batches, sharding.make_mesh(cfg))
     if jax.process_index() == 0:  # every process computed the same numbers; one writes them
+        out = os.path.join(workdir, "eval")
+        os.makedirs(out, exist_ok=True)
+        names = list(next(iter(summary.values()))["per_task"])
         for method, result in results.items():
-            with open(os.path.join(workdir, "eval", f"{method}.json"), "w") as f:
+            with open(os.path.join(out, f"{method}.json"), "w") as f:
                 json.dump(result, f, indent=1)
+            for split in dict.fromkeys((cfg.data.threshold_split, cfg.data.eval_split)):
+                part = "test" if split == cfg.data.eval_split else "valid"
+                zero_shot.write_scores_csv(os.path.join(out, f"scores_{method}_{split}.csv"), data[method][part],
+                                           names)
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        plots.auc_bars(summary, os.path.join(workdir, "eval", "auc.png"))
+        with open(os.path.join(out, "report.md"), "w") as f:
+            f.write(zero_shot.markdown_report(results))
+        plots.auc_bars(summary, os.path.join(out, "auc.png"))
+        plots.roc_curves({m: (d["test"]["scores"], d["test"]["targets"]) for m, d in data.items()}, names,
+                         os.path.join(out, "roc.png"))
+        plots.reliability({m: r["calibration"] for m, r in results.items()}, os.path.join(out, "reliability.png"))
         plots.training_curves({m: os.path.join(train_dir(workdir, m), "metrics.jsonl") for m in cfg.train.methods},
-                              os.path.join(workdir, "eval", "training.png"))
-        print(results_table(summary))
+                              os.path.join(out, "training.png"))
+        print(results_table(results))
     return summary
 
 
-def results_table(summary: dict) -> str:
-    methods = list(summary)
-    tasks = list(next(iter(summary.values()))["per_task"])
-    width = max(len(t) for t in tasks + ["mean AUC"]) + 2
-    fmt = lambda v: "   n/a" if v is None or np.isnan(v) else f"{v:6.3f}"  # noqa: E731
-    lines = ["zero-shot AUC".ljust(width) + "".join(f"{m:>8}" for m in methods)]
-    lines += [t.ljust(width) + "".join(f"  {fmt(summary[m]['per_task'][t])}" for m in methods) for t in tasks]
-    lines.append("mean AUC".ljust(width) + "".join(f"  {fmt(summary[m]['mean_auc'])}" for m in methods))
+def results_table(results: dict) -> str:
+    """The console table: per-task AUC with 95 % intervals, mean AUC, the chosen step, thresholded macro metrics
+    and retrieval recall, for each method (results: {method: eval/<method>.json})."""
+    methods = list(results)
+    r0 = results[methods[0]]
+    tasks = list(r0["per_task"])
+    width = max(len(t) for t in tasks + ["thresholded f1_weighted"]) + 2
+    col = 23
+    cell = lambda v, ci: zero_shot.fmt_ci(v, ci).rjust(col)  # noqa: E731
+    lines = [f"zero-shot AUC on {r0['split']} ({r0['num_scans']} scans, {r0['num_patients']} patients, per "
+             f"{r0['count']}), 95 % CI over {r0['ci']['draws']} patient draws",
+             "".ljust(width) + "".join(m.rjust(col) for m in methods)]
+    lines += [t.ljust(width) + "".join(cell(results[m]["per_task"][t], results[m]["ci"]["per_task"][t])
+                                       for m in methods) for t in tasks]
+    lines.append("mean AUC".ljust(width) + "".join(cell(results[m]["mean_auc"], results[m]["mean_auc_ci"])
+                                                   for m in methods))
+    for metric in ("accuracy", "sensitivity", "specificity", "f1_weighted"):
+        if all("macro" in results[m] for m in methods):
+            lines.append(f"thresholded {metric}".ljust(width) + "".join(
+                cell(results[m]["macro"][metric], results[m]["ci"]["macro"][metric]) for m in methods))
+    lines.append(f"step (best {r0['selection']['split']} AUC)".ljust(width)
+                 + "".join(str(results[m]["step"]).rjust(col) for m in methods))
+    for other, d in r0.get("mean_auc_difference", {}).items():
+        lines.append(f"mean AUC {methods[0]} - {other}: {zero_shot.fmt_ci(d['estimate'], d['ci'])} (paired)")
+    lines.append("retrieval on the same scans: recall@1/5/10/50/100, mean rank")
+    for m in methods:
+        for emb in ("concatenated", "global"):
+            if emb not in results[m]["retrieval"]:
+                continue
+            for d, short in (("report_to_volume", "report->volume"), ("volume_to_report", "volume->report")):
+                x = results[m]["retrieval"][emb][d]
+                recalls = "/".join(f"{x[f'recall@{k}']:.2f}" for k in (1, 5, 10, 50, 100))
+                lines.append(f"  {m} {emb} {short}: {recalls}, mean rank {x['mean_rank']:.1f} of {x['queries']}")
     return "\n".join(lines)
+
+
+def exported_step(workdir: str, method: str) -> int | None:
+    """The step --mode=eval chose for `method` (eval/<method>.json), if evaluation ran and that checkpoint is still
+    saved; else None (the latest). Export ships the checkpoint that the reported numbers belong to."""
+    chosen = (read_json(os.path.join(workdir, "eval", f"{method}.json")) or {}).get("step")
+    if chosen is None:
+        return None
+    saved = zero_shot.saved_steps(os.path.join(train_dir(workdir, method), "checkpoints"))
+    if chosen not in saved:
+        log.warning("%s: eval chose step %d, which is no longer saved; exporting the latest step", method, chosen)
+        return None
+    return chosen
 
 
 def run_export(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -148,8 +174,11 @@ def run_export(cfg: ml_collections.ConfigDict, workdir: str) -> list[str]:
     mesh = sharding.make_mesh(cfg)
     out = []
     for method in cfg.train.methods:
-        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh)
+        step = exported_step(workdir, method)
+        model = checkpoint.restore_model(cfg, method, os.path.join(train_dir(workdir, method), "checkpoints"), mesh,
+                                         step)
         out.append(export.export(model, method, cfg, tok_path, CLASS_TABLES[cfg.prep.class_table],
                                  os.path.join(workdir, "export", method)))
-        log.info("exported %s to %s", method, out[-1])
+        log.info("exported %s (%s) to %s", method, "latest step" if step is None else
+                 f"step {step}, chosen by --mode=eval on the valid split", out[-1])
     return out

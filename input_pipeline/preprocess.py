@@ -576,6 +576,7 @@ def preprocess_scan(
     min_size_zyx,
     geometry=None,
     check_ct: bool = False,
+    empty_ok: bool = False,
 ) -> dict:
     """Load a CT and its TotalSegmentator result and produce a training/inference-ready sample.
 
@@ -587,12 +588,14 @@ def preprocess_scan(
 
     ``geometry``: optional external geometry and rescale of the image (see :func:`load_ct`); the segmentation may
     then carry either the file's header or that geometry. ``check_ct``: reject values that are not finite or do not
-    look like CT (:func:`check_ct_values`). Every unusable input raises :class:`ScanRejected` (a ``ValueError``)
-    with a human-readable reason.
+    look like CT (:func:`check_ct_values`). ``empty_ok``: a segmentation without any of the anatomies is cropped to
+    the whole volume instead of rejected (prediction reports such a scan; training cannot use it). Every unusable
+    input raises :class:`ScanRejected` (a ``ValueError``) with a human-readable reason.
 
     Returns a dict:
       ``image`` uint8 ``[Z, Y, X]`` = round(windowed * 255); ``labels`` uint8 ``[Z, Y, X]`` anatomy index;
-      ``spacing_xyz`` tuple; ``present`` bool ``[A]`` (anatomy has voxels in ``labels``);
+      ``spacing_xyz`` tuple; ``present`` bool ``[A]`` (anatomy has voxels in ``labels``); ``at_scan_edge`` bool
+      ``[A]`` (anatomy has voxels on a face of the source volume: the scan's field of view cuts it);
       ``source_shape`` canonical source shape ``(Z, Y, X)``; ``source_spacing_xyz`` tuple;
       ``affine`` float64 ``[4, 4]`` RAS affine of the output indexed (x, y, z), i.e. of ``image.transpose(2,1,0)``;
       ``crop`` the crop/pad info of :func:`crop_to_anatomies`.
@@ -627,6 +630,10 @@ def preprocess_scan(
     ct_zyx, canon_aff, src_spacing = to_canonical(ct, ct_aff)
     seg_zyx, _, _ = to_canonical(seg, seg_aff)
     del ct, seg
+    at_edge = np.zeros(len(anatomies), bool)
+    for face in (seg_zyx[0], seg_zyx[-1], seg_zyx[:, 0], seg_zyx[:, -1], seg_zyx[:, :, 0], seg_zyx[:, :, -1]):
+        ids = np.unique(face)
+        at_edge[ids[ids > 0].astype(int) - 1] = True
     new_spacing = tuple(float(v) for v in spacing_xyz)
     out_shape = resampled_shape(ct_zyx.shape, src_spacing, new_spacing)
     scale, offset = _resample_params(ct_zyx.shape, src_spacing, new_spacing, out_shape)
@@ -634,7 +641,9 @@ def preprocess_scan(
     try:
         start, stop = anatomy_crop_box(labels, margin_zyx)
     except ValueError as e:
-        raise ScanRejected("segmentation holds none of the configured anatomies", "empty segmentation") from e
+        if not empty_ok:
+            raise ScanRejected("segmentation holds none of the configured anatomies", "empty segmentation") from e
+        start, stop = (0, 0, 0), labels.shape
     crop_shape = tuple(b - a for a, b in zip(start, stop))
     img = _resample_block(ct_zyx, scale, offset, start, crop_shape, 1)
     img = window(img, float(hu_window[0]), float(hu_window[1]))
@@ -656,6 +665,7 @@ def preprocess_scan(
         "labels": np.ascontiguousarray(labels),
         "spacing_xyz": new_spacing,
         "present": present,
+        "at_scan_edge": at_edge,
         "source_shape": tuple(int(v) for v in ct_zyx.shape),
         "source_spacing_xyz": src_spacing,
         "affine": out_affine,

@@ -393,7 +393,8 @@ def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
         ex = spec.deserialize_example(serialized)
         image, labels_packed, shift = center_window(ex["image"], ex["labels_packed"], k, size_zyx)
         return {"image": image, "labels_packed": labels_packed, "label_shift": shift,
-                "targets": ex["targets"], "id": ex["id"]}
+                "targets": ex["targets"], "id": ex["id"], "text_tokens": ex["text_tokens"],
+                "has_text": ex["has_text"], "report_tokens": ex["report_tokens"]}
 
     ds = tf.data.TFRecordDataset(records.split_files(records_dir, split)).map(decode, num_parallel_calls=4)
     return ds.batch(batch_size)
@@ -403,7 +404,8 @@ def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
     """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
 
     Yields numpy dicts with image uint8 [B, Z, Y, X], labels_packed uint8 [B, Z, Y, W] and label_shift [B] (see
-    `center_window`; `fvlm_jax.evaluate.encode_images` takes them as they are), targets [B, C], id and mask.
+    `center_window`; `fvlm_jax.evaluate.encode_images` takes them as they are), targets [B, C], id and mask, and
+    the texts retrieval embeds: text_tokens [B, A, L], has_text [B, A], report_tokens [B, R].
     """
     ds = eval_dataset(records_dir, split, batch_size=batch_size, size_zyx=size_zyx)
     for batch in ds.as_numpy_iterator():

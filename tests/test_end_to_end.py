@@ -1,10 +1,12 @@
-"""The real CLI on the demo config (tiny sizes): prepare -> train both methods -> eval -> export, resume, inference."""
+"""The real CLI on the demo config (tiny sizes): train both methods, then resume, evaluate and export in one run."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import ROOT, TINY_CONFIG, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
 
@@ -14,6 +16,8 @@ def _metrics(path):
 
 
 def test_train_eval_export_and_resume(prepared_demo):
+    """Two CLI runs: --mode=train (4 steps), then --mode=all with 6 steps, which finds the records prepared,
+    resumes both trainings, evaluates (checkpoint chosen on valid among steps 2, 4, 6) and exports."""
     workdir = prepared_demo
     run_cli(workdir, "--mode=train")
     fvlm_log = _metrics(workdir / "train" / "metrics.jsonl")
@@ -21,23 +25,49 @@ def test_train_eval_export_and_resume(prepared_demo):
     assert all({"loss", "learning_rate", "loss/lung"} <= set(r) and np.isfinite(r["loss"]) for r in fvlm_log)
     assert (workdir / "clip" / "train" / "metrics.jsonl").exists()
 
-    # A rerun with a longer budget resumes from the step-4 checkpoint instead of starting over.
-    res = run_cli(workdir, "--mode=train", "--config.train.steps=6", "--config.train.methods=('fvlm',)")
+    # A rerun with a longer budget resumes each method from its step-4 checkpoint instead of starting over.
+    res = run_cli(workdir, "--mode=all", "--config.train.steps=6")
     resumed = _metrics(workdir / "train" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed[:4] == fvlm_log
-    assert "resumed from step 4" in res.stderr
+    assert res.stderr.count("resumed from step 4") == 2
 
-    res = run_cli(workdir, "--mode=eval", "--config.train.steps=6")
     summary = json.loads((workdir / "summary.json").read_text())
     assert set(summary) == {"fvlm", "clip"}
-    for method in summary.values():  # the values of fvlm's are checked against a recount below
+    for method in summary.values():  # the values are checked against recounts below
         assert len(method["per_task"]) == 13 and "lung/Lung nodule" in method["per_task"]
-    assert "mean AUC" in res.stdout
-    detail = json.loads((workdir / "eval" / "fvlm.json").read_text())
-    assert detail["split"] == "test" and detail["threshold_split"] == "valid"
+        lo, hi = method["mean_auc_ci"]
+        assert lo <= method["mean_auc"] <= hi
+    assert "mean AUC" in res.stdout and "volume->report" in res.stdout
+    detail = {m: json.loads((workdir / "eval" / f"{m}.json").read_text()) for m in summary}
+    for d in detail.values():
+        assert d["split"] == "test" and d["threshold_split"] == "valid" and d["count"] == "scan"
+        # Checkpoints 2, 4 and 6 are kept (train.keep_checkpoints=4); the best valid macro AUC is chosen.
+        cands = {int(k): v for k, v in d["selection"]["candidates"].items()}
+        assert sorted(cands) == [2, 4, 6] and d["step"] == max(sorted(cands), key=lambda k: (cands[k], k))
+    anatomies = json.loads((workdir / "records" / "manifest.json").read_text())["anatomies"]
+    assert set(detail["clip"]["retrieval"]) == {"global"}
+    assert "concatenated" in detail["fvlm"]["retrieval"] and set(detail["fvlm"]["retrieval"]) <= {"concatenated",
+                                                                                                  *anatomies}
+    report = (workdir / "eval" / "report.md").read_text()
+    assert "| **mean AUC** |" in report and "report to volume" in report
+    assert all((workdir / "eval" / f).stat().st_size > 0 for f in ("roc.png", "reliability.png", "auc.png"))
 
-    run_cli(workdir, "--mode=export", "--config.train.steps=6")
+    # Every AUC of summary.json from the per-scan CSV with scikit-learn (unlabelled scans, -1, left out).
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    for method in summary:
+        rows = list(csv.DictReader((workdir / "eval" / f"scores_{method}_test.csv").open()))
+        assert len(rows) == detail[method]["num_scans"] == 12 and rows[0]["patient"] == rows[0]["id"][:-4]
+        for task, auc in summary[method]["per_task"].items():
+            y = np.array([int(r[f"label:{task}"]) for r in rows])
+            s = np.array([float(r[f"score:{task}"]) for r in rows])
+            known = y >= 0
+            want = roc_auc_score(y[known], s[known]) if 0 < y[known].sum() < known.sum() else None
+            assert auc == pytest.approx(want, abs=1e-12), (method, task)
+
     from fvlm_jax.export import Predictor
 
     pred = Predictor(str(workdir / "export" / "fvlm"))
@@ -48,8 +78,12 @@ def test_train_eval_export_and_resume(prepared_demo):
     # Each task's prompts embedded by the exported model; a score is the two-way softmax of the similarities of its
     # anatomy's embedding to them, by hand.
     temp = float(pred.model.temp())
-    prompts = {f"{t['anatomy']}/{t['label']}": (t, np.asarray(pred.model.encode_text(pred.tokenizer.encode(
-        [t["negative"], t["positive"]], pred.prep["text_len"])), np.float64)) for t in pred.tasks}
+
+    def embed(pairs):
+        return np.asarray(pred.model.encode_text(pred.tokenizer.encode([p for pair in pairs for p in pair],
+                                                                       pred.prep["text_len"])), np.float64)
+
+    prompts = {f"{t['anatomy']}/{t['label']}": (t, embed([(t["negative"], t["positive"])])) for t in pred.tasks}
     assert len(prompts) == 13 and set(scores) == set(prompts)
     for name, (t, p) in prompts.items():
         s_neg, s_pos = p @ enc["embeddings"][t["anatomy"]] / temp
@@ -57,34 +91,51 @@ def test_train_eval_export_and_resume(prepared_demo):
     assert set(enc["embeddings"]) == set(pred.anatomies) and all(enc["present"].values())
     np.testing.assert_allclose(np.linalg.norm(enc["embeddings"]["lung"]), 1.0, rtol=1e-4)
 
-    # The exported model on the raw files gives the embeddings evaluation computed from the records.
+    # Export ships the checkpoint evaluation chose; on the raw files it gives the embeddings evaluation computes
+    # from the records.
+    assert f"exported fvlm (step {detail['fvlm']['step']}, chosen by --mode=eval" in res.stderr
     from fvlm_jax import evaluate
     from input_pipeline import tfdata
 
-    batches = tfdata.eval_batches(str(workdir / "records"), "test", batch_size=4, size_zyx=(32, 48, 64))
+    batches = tfdata.eval_batches(str(workdir / "records"), "valid", batch_size=4, size_zyx=(32, 48, 64))
     from_records = evaluate.encode_images(pred.model, batches)
+    scan = next((workdir / "raw" / "dataset" / "valid").glob("*/*/*.nii.gz"))
+    enc = pred.encode(str(scan), str(workdir / "raw" / "segmentations" / "valid" / scan.name))
     row = from_records["ids"].index(scan.name.removesuffix(".nii.gz"))
     for i, anatomy in enumerate(pred.anatomies):
         np.testing.assert_allclose(enc["embeddings"][anatomy], from_records["emb"][row, i], atol=1e-4)
 
-    # The evaluation's AUCs (same step-6 weights), recounted from these embeddings of the test split: scores by hand
-    # as above, AUC as the share of (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
+    # The chosen step's valid macro AUC, as the checkpoint selection scored it, recounted from these embeddings:
+    # each task's prompt pairs (eval.tasks and eval.prompt_variants of the tiny config) averaged by hand, AUC as
+    # the share of (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    pairs = {}
+    for a, label, neg, pos in [*cfg.eval.tasks, *cfg.eval.prompt_variants]:
+        pairs.setdefault((a, label), []).append((neg, pos))
     columns = json.loads((workdir / "records" / "manifest.json").read_text())["label_columns"]
-    want = {}
-    for name, (t, p) in prompts.items():
-        logits = from_records["emb"][:, list(pred.anatomies).index(t["anatomy"])].astype(np.float64) @ p.T / temp
+    aucs = []
+    for (a, label), ps in pairs.items():
+        p = embed(ps).reshape(len(ps), 2, -1).mean(0)
+        logits = from_records["emb"][:, list(pred.anatomies).index(a)].astype(np.float64) @ p.T / temp
         s = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
-        y = from_records["targets"][:, columns.index(t["label"])]
+        y = from_records["targets"][:, columns.index(label)]
         pos, neg = s[y == 1], s[y == 0]
-        pairs = [1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]
-        want[name] = float(np.mean(pairs)) if pairs else None
-    assert summary["fvlm"]["per_task"] == pytest.approx(want, abs=1e-6)
-    assert summary["fvlm"]["mean_auc"] == pytest.approx(np.mean([v for v in want.values() if v is not None]))
+        if len(pos) and len(neg):
+            aucs.append(np.mean([1.0 if x > z else 0.5 if x == z else 0.0 for x in pos for z in neg]))
+    chosen = str(detail["fvlm"]["step"])
+    assert detail["fvlm"]["selection"]["candidates"][chosen] == pytest.approx(np.mean(aucs), abs=1e-6)
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
-    with pytest.raises(AssertionError, match="must be divisible by model.vision.patch_zyx"):
-        run_cli(tmp_path, "--mode=prepare", "--config.model.input_zyx=(30, 48, 64)")
+    """One message and exit status 1, no traceback (run.py: config_checks.user_error)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), TINY_CONFIG, f"--workdir={tmp_path}", "--mode=prepare",
+           "--config.model.input_zyx=(30, 48, 64)"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: invalid config:") and "must be divisible by model.vision.patch_zyx" in (
+        res.stderr), res.stderr
 
 
 def test_every_documented_data_override_exists():

@@ -1,14 +1,18 @@
-"""SIGKILL or SIGTERM during training, then the same command again: the log continues exactly as an uninterrupted
-run's. SIGTERM (a scheduler's preemption notice) also saves a checkpoint at the step it arrives, so no step is lost."""
+"""Preemption and crashes during training, then the same command again: the log continues exactly as an
+uninterrupted single-process run's. SIGKILL resumes from the last regular checkpoint; SIGTERM (a scheduler's
+preemption notice) to one process of a two-process job makes both save the same checkpoint at the same step and
+stop, so no step is lost."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 # Slow (subprocesses), and on one pytest-xdist worker: the module's reference run is made once.
@@ -16,22 +20,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("preemption")]
 
 SCRIPT = textwrap.dedent("""
     import itertools, os, sys, time
+    import jax
+    workdir, n_proc, proc_id, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if n_proc > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
     from configs import demo
     from fvlm_jax import synthetic, train
 
     cfg = demo.get_config("tiny")
-    cfg.train.update(batch_size=4, steps=12, warmup_steps=2, log_every=5,
-                     checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "3")))
-    pause = float(os.environ.get("STEP_PAUSE", "0"))  # seconds per step: room to land a signal mid-run
-
+    cfg.train.update(batch_size=8, steps=12, warmup_steps=2, log_every=5,
+                     checkpoint_every=int(os.environ["CHECKPOINT_EVERY"]))
+    pause = float(os.environ["STEP_PAUSE"])  # seconds per step: room to land a signal mid-run
+    local = cfg.train.batch_size // n_proc
 
     def batches(start):
         for i in itertools.count(start):
             time.sleep(pause)
-            yield synthetic.random_batch(cfg, 4, seed=i)
+            b = synthetic.random_batch(cfg, cfg.train.batch_size, seed=i)
+            yield {k: v[proc_id * local:(proc_id + 1) * local] for k, v in b.items()}  # this host's slice
 
     try:
-        train.train(cfg, "fvlm", sys.argv[1], batches, progress=False)
+        train.train(cfg, "fvlm", workdir, batches, progress=False)
     except train.Preempted:
         sys.exit(143)
 """)
@@ -39,14 +49,41 @@ SCRIPT = textwrap.dedent("""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, wait=True, checkpoint_every=3, pause=0.0):
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, n_proc=1, checkpoint_every=3, pause=0.0):
     env = dict(os.environ, JAX_PLATFORMS="cpu", CHECKPOINT_EVERY=str(checkpoint_every), STEP_PAUSE=str(pause))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    if wait:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    return proc
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir), str(n_proc), str(i), port], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(n_proc)]
+
+
+def _finish(procs):
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+def _run(workdir, n_proc=1):
+    codes, errs = _finish(_start(workdir, n_proc))
+    assert codes == [0] * n_proc, "\n".join(e[-3000:] for e in errs)
+
+
+def _steps(workdir):
+    path = workdir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for_rows(workdir, procs, n_rows):
+    deadline = time.time() + 300
+    while len(_steps(workdir)) < n_rows and time.time() < deadline:
+        time.sleep(0.05)
+    if any(p.poll() is not None for p in procs):
+        pytest.fail("training ended before the signal could be sent: " + procs[0].stderr.read()[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -56,49 +93,41 @@ def reference(tmp_path_factory):
     return _steps(workdir)
 
 
-def _signal_after(workdir, sig, n_steps, checkpoint_every=3):
-    """Starts training and sends `sig` once `n_steps` rows are logged; returns the finished process."""
-    # A quarter second per step: the signal lands well before the run's end, however loaded the machine.
-    proc = _run(workdir, wait=False, checkpoint_every=checkpoint_every, pause=0.25)
-    deadline = time.time() + 300
-    while len(_steps(workdir)) < n_steps and time.time() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.fail("training finished before the signal could be sent")
-    os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=300)
-    return proc, err
-
-
-def _steps(workdir):
-    path = workdir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+def _assert_continues_reference(got, reference):
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(got, reference):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=2e-5, atol=2e-5)
 
 
 def test_sigkill_then_rerun_matches_uninterrupted(tmp_path, reference):
     killed = tmp_path / "killed"
-    _signal_after(killed, signal.SIGKILL, 7)  # past the step-6 checkpoint, mid-way to step 9
+    # A quarter second per step: the signal lands well before the run's end, however loaded the machine.
+    procs = _start(killed, pause=0.25)
+    _wait_for_rows(killed, procs, 7)  # past the step-6 checkpoint, mid-way to step 9
+    os.kill(procs[0].pid, signal.SIGKILL)
+    _finish(procs)
     _run(killed)  # the same command again
     got = _steps(killed)
-    assert [r["step"] for r in got] == list(range(1, 13))
-    for a, b in zip(got, reference):
+    for a, b in zip(got, reference):  # one process, as the reference: the same numbers to the last bit
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    _assert_continues_reference(got, reference)
 
 
-def test_sigterm_saves_where_it_stops_then_rerun_matches_uninterrupted(tmp_path, reference):
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint_then_resumes(tmp_path, reference):
     import orbax.checkpoint as ocp
 
-    stopped = tmp_path / "stopped"
-    # No regular checkpoint before the last step: whatever is saved before it comes from the notice.
-    proc, err = _signal_after(stopped, signal.SIGTERM, 4, checkpoint_every=100)
-    assert proc.returncode == 143, err[-3000:]
-    assert "preemption notice (SIGTERM)" in err
-    logged = [r["step"] for r in _steps(stopped)]
+    run = tmp_path / "two"
+    procs = _start(run, 2, checkpoint_every=100, pause=0.25)  # no regular checkpoint before the last step
+    _wait_for_rows(run, procs, 3)
+    os.kill(procs[1].pid, signal.SIGTERM)  # only the non-writing process gets the notice
+    codes, errs = _finish(procs)
+    assert codes == [143, 143], "\n".join(e[-2000:] for e in errs)
+    assert "preemption notice (SIGTERM)" in errs[1], errs[1][-2000:]
+    logged = [r["step"] for r in _steps(run)]
     assert logged[-1] < 12
-    with ocp.CheckpointManager(str(stopped / "checkpoints")) as mngr:
+    with ocp.CheckpointManager(str(run / "checkpoints")) as mngr:
         assert mngr.latest_step() == logged[-1]  # saved exactly where it stopped: no step is lost
-    _run(stopped)  # the same command again
-    got = _steps(stopped)
-    assert [r["step"] for r in got] == list(range(1, 13))
-    for a, b in zip(got, reference):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+
+    _run(run, 2)  # the same commands again
+    _assert_continues_reference(_steps(run), reference)

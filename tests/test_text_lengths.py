@@ -77,7 +77,7 @@ def test_from_stats_rounds_up_to_eight_within_the_stored_length():
 
 
 def _model_and_tokens(t=24):
-    cfg = demo.get_config()
+    cfg = demo.get_config("tiny")
     a = len(cfg.prep.anatomies)
     model = FVLM(cfg.model, a, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -92,9 +92,10 @@ def _model_and_tokens(t=24):
 def test_grouped_encoding_equals_one_call_per_anatomy():
     model, tokens, a = _model_and_tokens()
     lengths = (8, 16, 8, 24, 12, 16, 5)[:a]
-    got = np.asarray(model.encode_anatomy_texts(tokens, lengths))
+    got = np.asarray(nnx.jit(lambda m, t: m.encode_anatomy_texts(t, lengths))(model, tokens))
+    encode = nnx.jit(lambda m, t: m.encode_text(t))
     for i in range(a):
-        want = np.asarray(model.encode_text(text_model.truncate_tokens(tokens[:, i], lengths[i])))
+        want = np.asarray(encode(model, text_model.truncate_tokens(tokens[:, i], lengths[i])))
         np.testing.assert_allclose(got[:, i], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(model.encode_anatomy_texts(tokens, None)),
                                np.asarray(model.encode_text(tokens)), rtol=1e-6)
@@ -123,7 +124,7 @@ def test_gradient_reaches_every_anatomy_text():
     def f(p):
         return jnp.sum(nnx.merge(graphdef, p).encode_anatomy_texts(tokens, lengths) * w)
 
-    g = np.abs(np.asarray(jax.grad(f)(params)["text"]["tok"]["embedding"][...])).sum(-1)
+    g = np.abs(np.asarray(jax.jit(jax.grad(f))(params)["text"]["tok"]["embedding"][...])).sum(-1)
     kept = np.concatenate([np.asarray(text_model.truncate_tokens(tokens[:, i], n)).ravel()
                            for i, n in enumerate(lengths)])
     kept = np.unique(kept[kept > 0])

@@ -112,7 +112,7 @@ def test_exact_gradient_accumulation_with_remat():
     def full(p):
         return train_step.batch_loss(nnx.merge(graphdef, p), batch, "fvlm", cfg.loss)
 
-    (ref_loss, ref_aux), ref_grads = jax.value_and_grad(full, has_aux=True)(params)
+    (ref_loss, ref_aux), ref_grads = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
     for micro, remat in ((2, True), (4, False)):
         cfg.model.remat = remat
         gd = nnx.graphdef(train_state.create_model(cfg, "fvlm"))
