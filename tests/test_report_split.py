@@ -124,6 +124,7 @@ def test_config_check_names_an_anatomy_without_words():
     cfg = demo.get_config()
     cfg.prep.anatomies = {"skull": ["skull"], "brain": ["brain"]}
     cfg.eval.tasks = [("brain", "Intracranial hemorrhage", "No hemorrhage.", "Hemorrhage.")]
+    cfg.eval.prompt_variants = ()
     cfg.model.text.anatomy_len = ""
     with pytest.raises(ValueError) as e:
         config_checks.validate(cfg)
