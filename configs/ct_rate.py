@@ -41,7 +41,9 @@ PROMPT_VARIANTS = ([(LABEL_ANATOMY[d], d, f"No {d.lower()}.", f"{d}.") for d in 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = demo.get_config()
     c.data.source = "ct_rate"
-    c.data.root = ""  # folder with dataset/, radiology_text_reports/, multi_abnormality_labels/, metadata/
+    # The CT-RATE download: the folder holding dataset/ (volumes, *_fixed volumes, and the tables inside it or beside
+    # it; docs/data.md, "CT-RATE layout").
+    c.data.root = ""
     c.data.segmentation_root = ""  # TotalSegmentator outputs as <root>/<split>/<volume>.nii.gz (or its folder)
     c.data.train_split = "train"
     # CT-RATE publishes no third split: thresholds come from the reported split, as in CT-CLIP (AUC is unaffected).

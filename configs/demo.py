@@ -6,6 +6,7 @@ python run.py --config=configs/demo.py --workdir=/tmp/fvlm_demo
 import ml_collections
 
 from fvlm_jax import sharding
+from input_pipeline import report_split
 
 ANATOMIES = {
     "lung": ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
@@ -104,9 +105,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with the copy in the loop, 52.4 ms with 2 batches ahead, 48.5 ms with 4, 47.5 ms on batches already there.
     c.data.prefetch_to_device = 2
 
-    c.prep = ml_collections.ConfigDict()
+    # Plain dicts stay dicts here (convert_dict=False): prep.anatomies keeps the order it is written in, which is the
+    # anatomies' order in the records and the model (a ConfigDict would sort the names).
+    c.prep = ml_collections.ConfigDict(convert_dict=False)
     c.prep.class_table = "total"  # TotalSegmentator "total" (v2) or "total_v1"
     c.prep.anatomies = ANATOMIES
+    # The report splitter's words, per anatomy: {anatomy: {"words": [...], "diseases": {disease: [triggers]}}}
+    # (input_pipeline/report_split.py). Every configured anatomy needs words, unless data.decomposition_dir gives
+    # the texts. The default covers CT-RATE's and the demo's anatomies; anatomies not in prep.anatomies still take
+    # part in the splitting. A YAML or JSON file of the same form in report_vocabulary_file replaces it.
+    c.prep.report_vocabulary = report_split.chest_ct_vocabulary()
+    c.prep.report_vocabulary_file = ""
     c.prep.spacing_xyz = (5.0, 5.0, 9.0)  # every anatomy fits the 32 x 48 x 64 input: none is cut by the crop
     # Wider than CT-RATE's [-1150, 350] so calcium (600-1000 HU) is not clipped to the same value as bone.
     c.prep.hu_window = (-1100.0, 900.0)

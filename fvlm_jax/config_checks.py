@@ -11,6 +11,7 @@ import ml_collections
 from fvlm_jax import sharding, text_lengths
 from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
+from input_pipeline import report_split
 
 MODES = ("prepare", "train", "eval", "export", "all", "predict")
 # Where this project's code lives: an error raised here with a message is the user's to fix (see user_error).
@@ -94,6 +95,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"eval.checkpoints={cfg.eval.checkpoints!r}: 'latest', 'all' or steps such as '200,400'")
     if cfg.eval.bootstrap_draws < 1:
         errors.append("eval.bootstrap_draws must be >= 1")
+    errors += report_split.vocabulary_errors(cfg.prep, cfg.data.decomposition_dir)
     if cfg.data.reconstructions not in ("all", "one_per_epoch"):
         errors.append(f"data.reconstructions={cfg.data.reconstructions!r}: choose 'all' or 'one_per_epoch'")
     if (reads := cfg.data.parallel_reads) != -1 and reads < 1:

@@ -1,17 +1,19 @@
 """Raw CTs + segmentations + reports -> tokenizer, sharded TFRecords, manifest, statistics, rejects.
 
 Run through `python run.py --config=... --mode=prepare`. Phases:
-1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows, duplicate ids
-   and reports without usable anatomy text become rejects.
+1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows and duplicate
+   ids become rejects, and each report is split into anatomy texts with the configured vocabulary.
 2. Image work in a process pool (`data.workers`, spawn) or an Apache Beam pipeline (`data.runner="beam"`). Each
    scan's result (image, labels, presence, or the reason it was rejected) is cached atomically as
    `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and the input
    files' sizes and modification times. A rerun after an interruption recomputes only missing or stale entries.
 3. The tokenizer is trained on the training texts of the scans that survived (deterministic).
-4. Records are written in input order from the cache, so a rerun produces byte-identical record files.
+4. Records are written in input order from the cache, each serialized deterministically, so a rerun produces
+   byte-identical record files.
 
-Every input ends either in the records or in `rejects.jsonl` ({"id", "split", "reason"}). Logs hold counts only:
-reports and image headers can carry patient data.
+Every input ends either in the records or in `rejects.jsonl` ({"id", "split", "reason"}); a scan whose image and
+report both fail is rejected for its image (the report's problem follows in the same reason). Logs hold counts
+only: reports and image headers can carry patient data.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from input_pipeline import ct_rate, label_packing, preprocess, records, report_split, sources
+from input_pipeline import ct_rate, label_packing, preprocess, report_split, sources
 from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -169,6 +171,8 @@ def _listing_category(reason: str) -> str:
         return "undecodable text encoding"
     if "configured splits" in reason:
         return "split not configured"
+    if "no row in the metadata table" in reason:
+        return "metadata row missing"
     if "metadata" in reason:
         return "metadata row unusable"
     return "invalid table or manifest row"
@@ -185,8 +189,11 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     input was rejected (rejects.jsonl is written first in both cases).
     """
     p = cfg.prep
-    anatomies = list(p.anatomies)
-    vocabulary = report_split.DEFAULT_VOCABULARY
+    anatomies = list(p.anatomies)  # in the config's order (configs/demo.py keeps prep.anatomies a plain dict)
+    lexicon, vocabulary = report_split.configured_vocabulary(p)
+    problems = report_split.vocabulary_errors(p, cfg.data.decomposition_dir)
+    if problems:
+        raise ValueError("; ".join(problems))
     diseases = disease_list(anatomies, vocabulary)
     strict = bool(cfg.data.strict)
     os.makedirs(out_dir, exist_ok=True)
@@ -219,33 +226,31 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     decomposition_dir = cfg.data.decomposition_dir or ""
     desc, conc = sources.load_decomposition(decomposition_dir) if decomposition_dir else ({}, {})
     from_files = fallback = 0
-    texts = {}
+    texts, text_problem = {}, {}  # a scan's texts, or why its report is unusable (reported after its image)
     for split in splits:
-        kept = []
         for s in scans[split]:
             if not (s.findings.strip() or s.impression.strip()):
-                reject(s.id, split, "missing or empty report", "missing or empty report")
+                text_problem[s.id] = ("missing or empty report", "missing or empty report")
                 continue
-            parts = sources.decomposed_texts(s.id, desc, conc, anatomies) if decomposition_dir else None
+            parts = sources.decomposed_texts(s.id, desc, conc, anatomies, vocabulary) if decomposition_dir else None
             if parts is None:
                 fallback += bool(decomposition_dir)
-                parts = {a: t for a, t in report_split.split_report(s.findings, s.impression).items()
-                         if a in anatomies}
+                parts = {a: t for a, t in report_split.split_report(s.findings, s.impression, lexicon,
+                                                                    vocabulary).items() if a in anatomies}
             else:
                 from_files += 1
             if not parts:
-                reject(s.id, split, "no anatomy text could be taken from the report", "no anatomy text")
+                text_problem[s.id] = ("no anatomy text could be taken from the report", "no anatomy text")
                 continue
             texts[s.id] = parts
-            kept.append(s)
-        scans[split] = kept
     if decomposition_dir:
         log.info("anatomy texts: %d scans from the decomposition files, %d not in them (built-in splitter)",
                  from_files, fallback)
 
     # 2. Images, through the cache.
     prep_kw = prep_kwargs(p)
-    key_kw = prep_kw | {"class_table": p.class_table}
+    # The anatomy order sets the label values: part of the key (the key's JSON sorts dict keys).
+    key_kw = prep_kw | {"class_table": p.class_table, "anatomy_order": anatomies}
     tasks, keys = [], {}
     for split in splits:
         for s in scans[split]:
@@ -270,12 +275,21 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         for s in scans[split]:
             state = _cached(*keys[s.id])
             if state is None:  # the worker died (e.g. out of memory) before writing the entry
-                reject(s.id, split, "preprocessing did not finish (worker crashed?)", "preprocessing failed")
-            elif state[0] == "error":
-                reject(s.id, split, state[1], state[2])
+                state = ("error", "preprocessing did not finish (worker crashed?)", "preprocessing failed")
+            if state[0] == "error":
+                also = f"; the report is unusable too ({text_problem[s.id][0]})" if s.id in text_problem else ""
+                reject(s.id, split, state[1] + also, state[2])
+            elif s.id in text_problem:
+                reject(s.id, split, *text_problem[s.id])
             else:
                 kept.append(s)
         scans[split] = kept
+        if not kept:
+            n = len(listed[split])
+            log.warning("split %r holds no scans (%s): training or evaluation on it will fail", split,
+                        f"all {n} listed were rejected; see rejects.jsonl" if n else
+                        "the source lists none for it" + (" (no manifest line names it)"
+                                                          if cfg.data.source == "manifest" else ""))
     with open(os.path.join(out_dir, "rejects.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
     n_ok = sum(len(v) for v in scans.values())
@@ -298,7 +312,10 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     train_tokenizer(train_texts, tok_path, p.vocab_size)
     tok = Tokenizer(tok_path)
 
-    # 4. Records, in input order, from the cache.
+    # 4. Records, in input order, from the cache. TensorFlow is imported here, not at the top: every image worker
+    # (spawned) imports this module, and importing TensorFlow took each of them 10-15 s.
+    from input_pipeline import records
+
     spec = records.features(len(anatomies), len(diseases), p.text_len, p.report_len, len(columns),
                             p.volume_encoding)
     k = label_packing.packing_factor(len(anatomies))

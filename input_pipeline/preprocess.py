@@ -31,11 +31,13 @@ __all__ = [
     "ScanRejected",
     "anatomy_crop_box",
     "check_ct_values",
+    "choose_rescale",
     "crop_to_anatomies",
     "load_class_table",
     "load_ct",
     "load_dicom_series",
     "load_segmentation",
+    "looks_like_hu",
     "metadata_affine",
     "pad_to_min_size",
     "preprocess_scan",
@@ -52,6 +54,10 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # at most DENSE_MAX_FRACTION of the voxels lie above DENSE_HU.
 AIR_HU, AIR_MIN_FRACTION = -500.0, 0.001
 DENSE_HU, DENSE_MAX_FRACTION = 3000.0, 0.05
+# Below real CT's air (-1000 HU and its noise): a CT in HU has almost no voxel there apart from the scanner's padding
+# outside the field of view, which is one value, the volume's minimum. Values rescaled twice (HU + intercept) put
+# all the air there: 39 % of the voxels of the real CT in ../shared/data, against 0 % once rescaled.
+BELOW_AIR_HU, BELOW_AIR_MAX_FRACTION = -1200.0, 0.01
 
 
 class ScanRejected(ValueError):
@@ -134,6 +140,48 @@ def metadata_affine(xy_spacing, z_spacing, position_lps, orientation_lps) -> np.
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def looks_like_hu(volume) -> bool:
+    """Whether values look like a CT in Hounsfield units: the air and dense-voxel rules of
+    :func:`check_ct_values`, and at most BELOW_AIR_MAX_FRACTION of the voxels below BELOW_AIR_HU apart from those
+    at the minimum value (padding)."""
+    v = np.asarray(volume)
+    n = max(v.size, 1)
+    if not v.size or np.count_nonzero(v < AIR_HU) / n < AIR_MIN_FRACTION or \
+            np.count_nonzero(v > DENSE_HU) / n > DENSE_MAX_FRACTION:
+        return False
+    below = np.count_nonzero((v < BELOW_AIR_HU) & (v != v.min()))
+    return below / n <= BELOW_AIR_MAX_FRACTION
+
+
+def choose_rescale(stored, slope: float, intercept: float, header_slope: float = 1.0,
+                   header_intercept: float = 0.0) -> str:
+    """Whether a volume with an external rescale (CT-RATE's metadata) still needs it, from its values.
+
+    ``stored``: the raw stored values (a subsample is enough); HU would be ``stored * slope + intercept`` if the
+    file holds CT-RATE's original values, or ``stored * header_slope + header_intercept`` (the file's own scaling) if
+    it was already rescaled (a corrected copy). Returns "metadata" when only the first looks like HU
+    (:func:`looks_like_hu`) or both give the same values, "header" when only the second does, and "metadata" when
+    neither does (the CT check then rejects the scan). Raises :class:`ScanRejected` when both look like HU but
+    differ: the rescale is never guessed, so it is never applied twice.
+    """
+    raw = np.asarray(stored, np.float32)
+    by_meta = raw * np.float32(slope) + np.float32(intercept)
+    by_header = raw * np.float32(header_slope) + np.float32(header_intercept)
+    if np.array_equal(by_meta, by_header) or not np.isfinite(raw).all():  # non-finite: the CT check says so
+        return "metadata"
+    meta_ok, header_ok = looks_like_hu(by_meta), looks_like_hu(by_header)
+    if meta_ok and header_ok:
+        def span(v):
+            return f"{float(v.min()):g}..{float(v.max()):g}"
+
+        raise ScanRejected(
+            f"ambiguous Hounsfield units: the stored values ({span(by_header)}) and the stored values x RescaleSlope "
+            f"{slope:g} + RescaleIntercept {intercept:g} ({span(by_meta)}) both look like CT in HU, so it cannot be "
+            "told whether the volume was already rescaled; check its metadata row, or set data.use_metadata=false "
+            "if the volumes are corrected copies", "ambiguous HU rescale")
+    return "header" if header_ok and not meta_ok else "metadata"
+
+
 def _load_ct(path, geometry=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(volume in HU, affine to use, the file's own affine). See :func:`load_ct`."""
     path = Path(path)
@@ -147,9 +195,14 @@ def _load_ct(path, geometry=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return vol, np.asarray(img.affine, dtype=np.float64), np.asarray(img.affine, dtype=np.float64)
     proxy = img.dataobj
     raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    vol = np.asarray(raw, dtype=np.float32).reshape(shape)
-    vol *= np.float32(geometry["slope"])
-    vol += np.float32(geometry["intercept"])
+    raw = np.asarray(raw).reshape(shape)
+    header = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0)))
+    # Decided on every 8th voxel: the fractions it looks at do not need more, and the volume is copied once.
+    use = choose_rescale(raw[::2, ::2, ::2], geometry["slope"], geometry["intercept"], *header)
+    slope, intercept = (geometry["slope"], geometry["intercept"]) if use == "metadata" else header
+    vol = raw.astype(np.float32)
+    vol *= np.float32(slope)
+    vol += np.float32(intercept)
     return vol, np.asarray(geometry["affine"], np.float64), np.asarray(img.affine, dtype=np.float64)
 
 
@@ -164,7 +217,9 @@ def load_ct(path, geometry=None) -> tuple[np.ndarray, np.ndarray]:
     ``geometry`` (NIfTI only; a DICOM series carries its own): ``{"affine": 4x4 RAS affine (see
     :func:`metadata_affine`), "slope": s, "intercept": b}`` from an external table such as CT-RATE's metadata.
     Then the header's affine is replaced and HU = stored value * s + b, applied to the **raw stored** values
-    (the header's scl_slope / scl_inter are ignored, never applied twice).
+    (the header's scl_slope / scl_inter are ignored, never applied twice). A volume whose values are already HU
+    (rescaled in place, or a corrected copy) keeps them: :func:`choose_rescale` decides from the values and
+    refuses an ambiguous volume.
     """
     vol, aff, _ = _load_ct(path, geometry)
     return vol, aff
@@ -552,6 +607,8 @@ def preprocess_scan(
             raise ScanRejected(f"{what} file is empty (0 bytes): {path}", f"{what} unreadable")
     try:
         ct, ct_aff, header_aff = _load_ct(image_path, geometry)
+    except ScanRejected:
+        raise
     except Exception as e:
         raise ScanRejected(f"image could not be read ({type(e).__name__}: {e})", "image unreadable") from e
     if check_ct:

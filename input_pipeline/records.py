@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
 DATASET_NAME = "fvlm_records"
 FILE_FORMAT = "tfrecord"
@@ -52,12 +53,20 @@ def shard_path(records_dir: str, split: str, shard: int, num_shards: int) -> str
     return os.path.join(records_dir, f"{DATASET_NAME}-{split}.{FILE_FORMAT}-{shard:05d}-of-{num_shards:05d}")
 
 
+def serialize(spec, serializer, example: dict) -> bytes:
+    """`spec.serialize_example`, made deterministic: a tf.train.Example keeps its features in a protobuf map, which
+    the default serialization writes in an order that changes from one process to the next (the same example gave
+    three different byte strings in three runs); deterministic serialization sorts the map by feature name."""
+    return serializer.get_tf_example(spec.encode_example(example)).SerializeToString(deterministic=True)
+
+
 class ShardedWriter:
     """Round-robin writer over `num_shards` files of one split; records each file's record lengths for the metadata
     and the record index."""
 
     def __init__(self, records_dir: str, split: str, num_shards: int, feature_spec):
         self.split, self.spec = split, feature_spec
+        self.serializer = example_serializer.ExampleSerializer(feature_spec.get_serialized_info())
         self.paths = [shard_path(records_dir, split, i, num_shards) for i in range(num_shards)]
         self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
         self.record_bytes: list[list[int]] = [[] for _ in range(num_shards)]
@@ -65,7 +74,7 @@ class ShardedWriter:
 
     def write(self, example: dict) -> None:
         i = self.count % len(self.writers)
-        data = self.spec.serialize_example(example)
+        data = serialize(self.spec, self.serializer, example)
         self.writers[i].write(data)
         self.record_bytes[i].append(len(data))
         self.count += 1

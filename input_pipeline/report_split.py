@@ -16,11 +16,19 @@ Rules (documented because they decide labels):
 - Hedges count as positive: "likely", "probable", "suggestive of", "consistent with", and also the uncertain
   "possible", "cannot be excluded", "may represent" (a radiologist raising a disease is treated as a
   positive mention, which favours sensitivity; "cannot be excluded" is matched before the negating "excluded").
+
+The words are configuration (`prep.report_vocabulary`, or a YAML/JSON file in `prep.report_vocabulary_file`):
+per anatomy, the "words" that give it a sentence and, optionally, its "diseases" with their trigger phrases.
+`chest_ct_vocabulary()` is the shipped default for CT-RATE and the demo. Anatomies of the vocabulary that are not
+configured still take part in the splitting (their trigger phrases are matched and their texts dropped), so
+adding one never changes the labels of another.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -104,6 +112,87 @@ DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
                              "surgical clips", "cerclage wires"),
     },
 }
+
+
+
+def chest_ct_vocabulary() -> dict[str, dict]:
+    """The shipped report vocabulary (CT-RATE's anatomies, the demo's, and the mediastinum) in the configuration's
+    form: {anatomy: {"words": (...), "diseases": {disease: (...)}}}."""
+    return {a: {"words": words, "diseases": dict(DEFAULT_VOCABULARY.get(a, {}))}
+            for a, words in DEFAULT_LEXICON.items()}
+
+
+def _phrases(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(
+            isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{where} must be a list of non-empty words or phrases")
+    return tuple(v.strip() for v in value)
+
+
+def parse_vocabulary(spec: Mapping) -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, tuple[str, ...]]]]:
+    """(lexicon, disease vocabulary) for `split_report` from a report vocabulary {anatomy: {"words": [...],
+    "diseases": {disease: [...]}}} ("diseases" optional). Raises ValueError naming the first malformed entry."""
+    if not isinstance(spec, Mapping):
+        raise ValueError("the report vocabulary must map anatomy -> {words: [...], diseases: {disease: [...]}}")
+    lexicon, vocabulary = {}, {}
+    for anatomy, entry in spec.items():
+        if not isinstance(entry, Mapping) or set(entry) - {"words", "diseases"}:
+            raise ValueError(f"report vocabulary {anatomy!r}: expected {{words: [...], diseases: {{...}}}}, got "
+                             f"{entry!r}")
+        lexicon[str(anatomy)] = _phrases(entry.get("words", ()), f"report vocabulary {anatomy!r} words")
+        diseases = entry.get("diseases") or {}
+        if not isinstance(diseases, Mapping):
+            raise ValueError(f"report vocabulary {anatomy!r} diseases must map disease -> [trigger phrases]")
+        vocabulary[str(anatomy)] = {str(d): _phrases(p, f"report vocabulary {anatomy!r} disease {d!r}")
+                                    for d, p in diseases.items()}
+    return lexicon, vocabulary
+
+
+def read_vocabulary(path: str) -> dict:
+    """A report vocabulary from a YAML (.yaml, .yml) or JSON (.json) file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"report vocabulary file {path}: use a .yaml, .yml or .json file")
+    if not os.path.isfile(path):
+        raise ValueError(f"report vocabulary file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        if ext == ".json":
+            return json.load(f)
+        import yaml
+
+        return yaml.safe_load(f)
+
+
+def configured_vocabulary(prep) -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, tuple[str, ...]]]]:
+    """(lexicon, disease vocabulary) of a config's prep section: the file prep.report_vocabulary_file when set,
+    else prep.report_vocabulary."""
+    path = prep.report_vocabulary_file
+    return parse_vocabulary(read_vocabulary(path) if path else prep.report_vocabulary)
+
+
+def vocabulary_errors(prep, decomposition_dir: str) -> list[str]:
+    """One line per problem: a malformed vocabulary, or a configured anatomy without words (unless the
+    decomposition files give the texts)."""
+    try:
+        lexicon, _ = configured_vocabulary(prep)
+    except ValueError as e:
+        return [str(e)]
+    if decomposition_dir:
+        return []
+    source = f"prep.report_vocabulary_file={prep.report_vocabulary_file}" if prep.report_vocabulary_file else \
+        "prep.report_vocabulary"
+    return [f"prep.anatomies: {a!r} has no words in {source} (and no data.decomposition_dir): no report text "
+            "could ever be given to it" for a in prep.anatomies if not lexicon.get(a)]
+
+
+PLACEHOLDERS = ("not given", "not available", "none", "n/a", "na", "nan", "-", "--")
+
+
+def report_text(value) -> str:
+    """A report field as text: None and placeholders such as CT-RATE's "Not given." are empty."""
+    text = (value or "").strip()
+    return "" if text.rstrip(".").strip().lower() in PLACEHOLDERS else text
+
 
 _NEG_PRE = ("no evidence of", "no signs of", "no sign of", "negative for", "absence of", "free of", "without",
             "no", "not", "nor", "rather than", "resolution of")

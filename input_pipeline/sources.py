@@ -8,6 +8,7 @@ JSONL manifest (one JSON object per line, UTF-8):
 of one file per class; relative paths resolve against the manifest's folder. `labels` ({name: 0 or 1}) and `split`
 (default "train") are optional; the label columns are the sorted union of all label names, a missing label is 0.
 Blank lines are skipped. A line that is not UTF-8 or not a valid object is a reject, the other lines are kept.
+Report placeholders ("Not given.") count as empty.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def read_manifest(path: str) -> tuple[list[Scan], list[str], list[dict]]:
         names |= set(labels)
         scans.append(Scan(id=sid, split=split, image=os.path.join(base, obj["image"]),
                           segmentation=os.path.join(base, obj["segmentation"]),
-                          findings=obj.get("findings") or "", impression=obj.get("impression") or "",
+                          findings=report_split.report_text(obj.get("findings")),
+                          impression=report_split.report_text(obj.get("impression")),
                           labels={str(k): int(v) for k, v in labels.items()}))
     return scans, sorted(names), rejects
 
@@ -139,10 +141,11 @@ def label_anatomy_text(text: str, anatomy: str, vocabulary=report_split.DEFAULT_
     return report_split.AnatomyText(text=" ".join(text.split()), normal=not diseases, diseases=diseases)
 
 
-def decomposed_texts(scan_id: str, findings: dict, impression: dict, anatomies) -> dict | None:
+def decomposed_texts(scan_id: str, findings: dict, impression: dict, anatomies,
+                     vocabulary=report_split.DEFAULT_VOCABULARY) -> dict | None:
     """{anatomy: AnatomyText} of a scan from the decomposition tables (findings text, then impression text), or
     None when the scan is in neither table. The scan is looked up by its id, then by its CT-RATE scan
-    ("train_1_a_1" -> "train_1_a")."""
+    ("train_1_a_1" -> "train_1_a"); diseases come from `vocabulary` (anatomy -> disease -> trigger phrases)."""
     keys = [k for k in (scan_id, ct_rate.scan_key(scan_id)) if k in findings or k in impression]
     if not keys:
         return None
@@ -151,7 +154,7 @@ def decomposed_texts(scan_id: str, findings: dict, impression: dict, anatomies) 
     for a in anatomies:
         pieces = [t.strip() for t in (desc.get(a), conc.get(a)) if isinstance(t, str) and t.strip()]
         if pieces:
-            labelled = label_anatomy_text(" ".join(pieces), a)
+            labelled = label_anatomy_text(" ".join(pieces), a, vocabulary)
             if labelled.text:
                 out[a] = labelled
     return out

@@ -375,8 +375,17 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
 
 def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> tf.data.Dataset:
-    """The batches of `eval_batches` as a tf.data.Dataset (all TF ops: nothing to hang on at teardown)."""
-    spec = records.load_builder(records_dir).info.features
+    """The batches of `eval_batches` as a tf.data.Dataset (all TF ops: nothing to hang on at teardown). Raises
+    ValueError naming the split when it was not prepared or holds no scan."""
+    info = records.load_builder(records_dir).info
+    if split not in info.splits:
+        raise ValueError(f"split {split!r} was not prepared in {records_dir} (it has {sorted(info.splits)}): "
+                         "prepare again with it as data.threshold_split or data.eval_split")
+    if not info.splits[split].num_examples:
+        raise ValueError(f"split {split!r} holds no scans in {records_dir}: none was listed or all were rejected "
+                         "(see rejects.jsonl there); choose a split with scans for data.threshold_split and "
+                         "data.eval_split")
+    spec = info.features
     size_zyx = [int(s) for s in size_zyx]
     k = records_packing_factor(spec)
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 
 import numpy as np
@@ -22,14 +23,15 @@ def _write_table(path, rows):
         w.writerows(rows)
 
 
-def test_prepare_real_ct_both_segmentation_layouts(tmp_path, shared_data):
+def test_prepare_real_ct_both_segmentation_layouts(tmp_path, shared_data, caplog):
     ex = shared_data / "totalseg_example"
     raw = tmp_path / "raw"
-    # CT-RATE layout around the real CT: train_1 uses the multi-label file, train_2 the folder of parts (same
-    # --fast segmentation), train_3 a report without findings (must be rejected with a reason).
+    # CT-RATE's download layout around the real CT (HU, true geometry: a corrected copy in dataset/train_fixed/,
+    # tables inside dataset/, no metadata table needed): train_1 uses the multi-label file, train_2 the folder of
+    # parts (same --fast segmentation), train_3 a report of placeholders (must be rejected with a reason).
     for vol, seg in (("train_1_a_1", ex / "example_seg_fast.nii.gz"), ("train_2_a_1", ex / "example_seg_parts"),
                      ("train_3_a_1", ex / "example_seg_fast.nii.gz")):
-        d = raw / "dataset" / "train" / vol[:7] / vol[:9]
+        d = raw / "dataset" / "train_fixed" / vol[:7] / vol[:9]
         d.mkdir(parents=True)
         os.symlink(ex / "example_ct_sm.nii.gz", d / f"{vol}.nii.gz")
         segdir = raw / "segmentations" / "train"
@@ -37,10 +39,10 @@ def test_prepare_real_ct_both_segmentation_layouts(tmp_path, shared_data):
         os.symlink(seg, segdir / (f"{vol}.nii.gz" if seg.suffix == ".gz" else vol))
     findings = ("Small hypodense lesion in the liver. The spleen is normal in size. Both kidneys are unremarkable. "
                 "Mild emphysema in the lower lobes. The abdominal aorta is normal in caliber.")
-    _write_table(raw / "radiology_text_reports" / "train_reports.csv", [
-        {"VolumeName": f"train_{i}_a_1.nii.gz", "Findings_EN": findings if i < 3 else "",
-         "Impressions_EN": "Hypodense liver lesion." if i < 3 else ""} for i in (1, 2, 3)])
-    _write_table(raw / "multi_abnormality_labels" / "train_predicted_labels.csv", [
+    _write_table(raw / "dataset" / "radiology_text_reports" / "train_reports.csv", [
+        {"VolumeName": f"train_{i}_a_1.nii.gz", "Findings_EN": findings if i < 3 else "Not given.",
+         "Impressions_EN": "Hypodense liver lesion." if i < 3 else "not given"} for i in (1, 2, 3)])
+    _write_table(raw / "dataset" / "multi_abnormality_labels" / "train_predicted_labels.csv", [
         {"VolumeName": f"train_{i}_a_1.nii.gz", "Emphysema": 1, "Liver lesion": 1} for i in (1, 2, 3)])
 
     cfg = demo.get_config()
@@ -48,7 +50,10 @@ def test_prepare_real_ct_both_segmentation_layouts(tmp_path, shared_data):
     cfg.data.workers, cfg.data.num_shards = 1, 1
     cfg.prep.spacing_xyz = (3.0, 3.0, 3.0)
     out = tmp_path / "records"
-    manifest = prepare.prepare(cfg, str(raw), str(out), progress=False)
+    with caplog.at_level(logging.INFO, logger="input_pipeline.ct_rate"):
+        manifest = prepare.prepare(cfg, str(raw), str(out), progress=False)
+    assert f"reports {raw / 'dataset' / 'radiology_text_reports' / 'train_reports.csv'}" in caplog.text
+    assert "dataset/train_fixed (corrected copies: their headers are used)" in caplog.text
     assert manifest["splits"] == {"train": 2} and manifest["rejected"] == 1
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert rejects == [{"id": "train_3_a_1", "split": "train", "reason": "missing or empty report"}]

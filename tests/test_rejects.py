@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import manifest_config, phantom_ct
 
-from input_pipeline import prepare
+from input_pipeline import prepare, tfdata
 
 pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
 
@@ -59,6 +59,7 @@ def bad_manifest(tmp_path):
         _entry("no_anatomy", "ct.nii.gz", findings="Unremarkable study.", impression="Nothing to report."),
         _entry("ok1", "ct.nii.gz"),
         _entry("missing_file", "nowhere.nii.gz"),
+        _entry("bad_image_and_report", "empty.nii.gz", findings="Not given.", impression=""),
         b'{"id": "latin1", "image": "ct.nii.gz", "segmentation": "seg.nii.gz", "findings": "L\xe9sion", '
         b'"impression": "x"}',
         b"{not json",
@@ -75,21 +76,28 @@ EXPECTED = {  # id -> a piece of its reason
     "non_finite": "non-finite", "mr": "does not look like CT", "grid": "not on the grid",
     "empty_seg": "none of the configured anatomies", "no_report": "missing or empty report",
     "no_anatomy": "no anatomy text", "ok1": "duplicate id", "missing_file": "image not found",
-    "manifest.jsonl line 13": "not valid UTF-8", "manifest.jsonl line 14": "not valid JSON",
+    # Both the image and the report fail: reported for the image first.
+    "bad_image_and_report": "image file is empty (0 bytes)",
+    "manifest.jsonl line 14": "not valid UTF-8", "manifest.jsonl line 15": "not valid JSON",
 }
 
 
 def test_every_bad_input_is_rejected_with_a_reason(bad_manifest, tmp_path, caplog):
     out = tmp_path / "records"
-    with caplog.at_level(logging.INFO):
-        manifest = prepare.prepare(manifest_config(), str(bad_manifest), str(out), progress=False)
+    with caplog.at_level(logging.INFO):  # no line of the manifest names the evaluation split "valid"
+        manifest = prepare.prepare(manifest_config(eval_split="valid"), str(bad_manifest), str(out), progress=False)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert all(set(r) == {"id", "split", "reason"} for r in rejects)
     got = {r["id"]: r["reason"] for r in rejects}
     assert set(got) == set(EXPECTED), got
     for sid, piece in EXPECTED.items():
         assert piece in got[sid], (sid, got[sid])
-    assert manifest["splits"] == {"train": 2} and manifest["rejected"] == len(EXPECTED)
+    assert got["bad_image_and_report"].startswith("image file is empty (0 bytes)") and \
+        got["bad_image_and_report"].endswith("; the report is unusable too (missing or empty report)")
+    assert manifest["splits"] == {"train": 2, "valid": 0} and manifest["rejected"] == len(EXPECTED)
+    assert "split 'valid' holds no scans (the source lists none for it (no manifest line names it))" in caplog.text
+    with pytest.raises(ValueError, match="split 'valid' holds no scans in "):
+        next(tfdata.eval_batches(str(out), "valid", batch_size=2, size_zyx=(8, 8, 8)))
     assert manifest["label_columns"] == ["Emphysema", "Liver lesion"]
     ds = tfds.builder_from_directory(str(out)).as_dataset(split="train")
     examples = {e["id"].decode(): e for e in ds.as_numpy_iterator()}

@@ -1,10 +1,16 @@
 """Tests for the rule-based report decomposition (input_pipeline/report_split.py)."""
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 
+from configs import ct_rate, demo
+from fvlm_jax import config_checks
 from input_pipeline import demo_data as dd
-from input_pipeline.report_split import DEFAULT_VOCABULARY, AnatomyText, split_report, split_sentences
+from input_pipeline import report_split
+from input_pipeline.report_split import DEFAULT_LEXICON, DEFAULT_VOCABULARY, AnatomyText, split_report, split_sentences
 
 
 def _labels(result):
@@ -78,3 +84,56 @@ def test_generated_reports_recover_truth_exactly():
         for anatomy, diseases in case["truth"].items():
             if diseases:
                 assert not result[anatomy].normal
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The vocabulary as configuration
+# -------------------------------------------------------------------------------------------------------------
+HEAD_CT = {"skull": {"words": ["skull", "calvarium", "calvarial"],
+                     "diseases": {"Skull fracture": ["fracture", "fractures"]}},
+           "brain": {"words": ["brain", "cerebral", "intracranial"],
+                     "diseases": {"Intracranial hemorrhage": ["hemorrhage", "haemorrhage", "bleed"]}}}
+
+
+def test_shipped_vocabulary_is_the_splitters_default():
+    lexicon, vocabulary = report_split.parse_vocabulary(report_split.chest_ct_vocabulary())
+    assert lexicon == DEFAULT_LEXICON and vocabulary == {a: DEFAULT_VOCABULARY.get(a, {}) for a in DEFAULT_LEXICON}
+    assert set(demo.get_config().prep.anatomies) | set(ct_rate.get_config().prep.anatomies) <= set(lexicon)
+
+
+@pytest.mark.parametrize("ext", [".yaml", ".json"])
+def test_vocabulary_file_and_its_errors(tmp_path, ext):
+    path = tmp_path / f"head{ext}"
+    path.write_text(yaml.safe_dump(HEAD_CT) if ext == ".yaml" else json.dumps(HEAD_CT))
+    cfg = demo.get_config()
+    cfg.prep.report_vocabulary_file = str(path)
+    lexicon, vocabulary = report_split.configured_vocabulary(cfg.prep)
+    assert lexicon == {"skull": ("skull", "calvarium", "calvarial"), "brain": ("brain", "cerebral", "intracranial")}
+    result = split_report("Acute bleed in the left cerebral hemisphere. No calvarial fracture.", "", lexicon,
+                          vocabulary)
+    assert {a: t.diseases for a, t in result.items()} == {"brain": ("Intracranial hemorrhage",), "skull": ()}
+    with pytest.raises(ValueError, match="report vocabulary 'brain' words must be a list"):
+        report_split.parse_vocabulary({"brain": {"words": "brain"}})
+    with pytest.raises(ValueError, match="report vocabulary 'brain': expected"):
+        report_split.parse_vocabulary({"brain": {"word": ["brain"]}})
+    with pytest.raises(ValueError, match="use a .yaml, .yml or .json file"):
+        report_split.read_vocabulary(str(tmp_path / "head.txt"))
+
+
+def test_config_check_names_an_anatomy_without_words():
+    cfg = demo.get_config()
+    cfg.prep.anatomies = {"skull": ["skull"], "brain": ["brain"]}
+    cfg.eval.tasks = [("brain", "Intracranial hemorrhage", "No hemorrhage.", "Hemorrhage.")]
+    cfg.eval.prompt_variants = ()
+    cfg.model.text.anatomy_len = ""
+    with pytest.raises(ValueError) as e:
+        config_checks.validate(cfg)
+    lines = [line for line in str(e.value).splitlines() if "report_vocabulary" in line]
+    assert [line.split(":")[1].strip() for line in lines] == ["'skull' has no words in prep.report_vocabulary (and no "
+                                                               "data.decomposition_dir)", "'brain' has no words in "
+                                                               "prep.report_vocabulary (and no data.decomposition_dir)"]
+    cfg.data.decomposition_dir = "/somewhere"  # the decomposition files give the texts
+    config_checks.validate(cfg)
+    cfg.data.decomposition_dir = ""
+    cfg.prep.report_vocabulary = HEAD_CT
+    config_checks.validate(cfg)

@@ -6,12 +6,14 @@ import glob
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import manifest_config, phantom_ct
+from conftest import ROOT, manifest_config, phantom_ct
 
 from configs import demo
 from input_pipeline import ct_rate, demo_data, label_packing, prepare, preprocess, sources
@@ -235,3 +237,64 @@ def test_resume_recomputes_only_missing_and_gives_identical_records(tmp_path, ca
         prepare.prepare(cfg, str(path), str(out), progress=False)
     assert "images: 1 to preprocess, 4 already in the cache" in caplog.text
     assert {p: open(p, "rb").read() for p in records} == first
+
+
+@pytest.mark.slow
+def test_records_are_byte_identical_across_processes(tmp_path):
+    path = _manifest(tmp_path, 2)
+    prepare.prepare(manifest_config(), str(path), str(tmp_path / "here"), progress=False)
+    # Another process with another string-hash seed: the order of a tf.train.Example's features followed it.
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    script = ("import sys; sys.path.insert(0, 'tests'); from conftest import manifest_config; "
+              "from input_pipeline import prepare; "
+              f"prepare.prepare(manifest_config(), {str(path)!r}, {str(tmp_path / 'there')!r}, progress=False)")
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONHASHSEED=seed))
+    files = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "here" / "fvlm_records-*")))
+    assert files and files == sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "there" / "fvlm_records-*")))
+    assert all(filecmp.cmp(tmp_path / "here" / f, tmp_path / "there" / f, shallow=False) for f in files)
+
+
+HEAD_CT_VOCABULARY = """\
+skull:
+  words: [skull, calvarium, calvarial]
+  diseases:
+    Skull fracture: [fracture, fractures]
+brain:
+  words: [brain, cerebral, intracranial]
+  diseases:
+    Intracranial hemorrhage: [hemorrhage, haemorrhage, bleed]
+"""
+
+
+@pytest.mark.slow
+def test_head_ct_manifest_with_its_own_vocabulary(tmp_path):
+    d = tmp_path / "raw"
+    (d / "ct").mkdir(parents=True)
+    hu, seg = phantom_ct()
+    head = np.where(seg == 10, 91, np.where(seg == 5, 90, 0)).astype(np.uint8)  # TotalSegmentator skull, brain
+    nib.Nifti1Image(hu, np.diag([10.0, 10.0, 10.0, 1.0])).to_filename(str(d / "ct" / "0.nii.gz"))
+    nib.Nifti1Image(head, np.diag([10.0, 10.0, 10.0, 1.0])).to_filename(str(d / "ct" / "seg0.nii.gz"))
+    reports = [("Acute bleed in the left cerebral hemisphere. The calvarium is intact.", "Intracranial hemorrhage."),
+               ("No intracranial hemorrhage. Depressed skull fracture on the right.", "Skull fracture.")]
+    (d / "m.jsonl").write_text("".join(json.dumps({
+        "id": f"head{i}", "image": "ct/0.nii.gz", "segmentation": "ct/seg0.nii.gz", "findings": f,
+        "impression": imp}) + "\n" for i, (f, imp) in enumerate(reports)))
+    (tmp_path / "head_ct.yaml").write_text(HEAD_CT_VOCABULARY)
+    cfg = manifest_config()
+    cfg.prep.anatomies = {"skull": ["skull"], "brain": ["brain"]}  # the user's order, not sorted
+    out = tmp_path / "records"
+    with pytest.raises(ValueError, match="'skull' has no words in prep.report_vocabulary"):
+        prepare.prepare(cfg, str(d / "m.jsonl"), str(out), progress=False)
+    cfg.prep.report_vocabulary_file = str(tmp_path / "head_ct.yaml")
+    manifest = prepare.prepare(cfg, str(d / "m.jsonl"), str(out), progress=False)
+    assert manifest["anatomies"] == ["skull", "brain"] and manifest["rejected"] == 0
+    assert manifest["diseases"] == ["Intracranial hemorrhage", "Skull fracture"]
+    ex = _examples(out)
+    assert ex["head0"]["has_text"].all() and ex["head1"]["has_text"].all()
+    assert ex["head0"]["disease"].tolist() == [[False, False], [True, False]]  # skull intact, brain bleeding
+    assert ex["head1"]["disease"].tolist() == [[False, True], [False, False]]
+    assert ex["head0"]["normal"].tolist() == [True, False]
+    # Label values follow the anatomy order: 1 = skull (class 91), 2 = brain (class 90).
+    assert set(np.unique(ex["head0"]["labels"])) == {0, 1, 2}
+    assert (ex["head0"]["labels"] == 1).sum() > (ex["head0"]["labels"] == 2).sum()  # the larger region is skull
