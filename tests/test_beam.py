@@ -11,8 +11,6 @@ from test_rejects import bad_manifest  # noqa: F401  (fixture)
 
 from input_pipeline import prepare, records
 
-pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
-
 beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip install 'fvlm-jax[beam]')")
 
 
@@ -28,6 +26,18 @@ def assert_same_preparation(local, other):
     assert sorted(ex["id"].numpy().decode() for ex in ds) == ["ok1", "ok2"]
 
 
+def test_dask_runner_options_spread_one_scan_per_task():
+    dask = "apache_beam.runners.dask.dask_runner.DaskRunner"
+    assert prepare.beam_runner_options("--runner DaskRunner --dask_client_address=tcp://h:8786") == [
+        f"--runner={dask}", "--dask_client_address=tcp://h:8786", "--dask_partition_size=1"]
+    assert prepare.beam_runner_options(f"--runner={dask} --dask_npartitions 40") == [
+        f"--runner={dask}", "--dask_npartitions", "40"]
+    assert prepare.beam_runner_options("--runner=DirectRunner --direct_num_workers=2") == [
+        "--runner=DirectRunner", "--direct_num_workers=2"]
+    assert prepare.beam_runner_options("") == []
+
+
+@pytest.mark.slow  # subprocesses: not in the fast lane
 def test_beam_runners_write_the_local_records(bad_manifest, tmp_path, caplog):  # noqa: F811
     """One local preparation (the rejects hold the manifest's paths) against the DirectRunner, then the DaskRunner
     on a cluster of 2 worker processes started here."""
