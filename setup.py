@@ -35,10 +35,11 @@ setup(
         "gpu": ["jax[cuda12]>=0.10,<0.12"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
         # Preparation as an Apache Beam pipeline (data.runner="beam"); tested with 2.77 (it pins protobuf < 7,
-        # which TensorFlow 2.21 accepts).
-        "beam": ["apache-beam>=2.70,<3"],
+        # which TensorFlow 2.21 accepts). Its dask extra: the DaskRunner on a dask.distributed cluster (tested with
+        # dask/distributed 2026.8; 3.2 MB of wheels).
+        "beam": ["apache-beam[dask]>=2.70,<3"],
         # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "apache-beam>=2.70,<3",
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "apache-beam[dask]>=2.70,<3",
                  "tensorboard>=2.18,<3"],
     },
 )

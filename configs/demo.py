@@ -85,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.decomposition_dir = ""  # folder with fVLM's desc_info.json / conc_info.json (empty: built-in splitter)
     c.data.workers = 2
     # "local": a process pool of data.workers on this machine. "beam": the image work as an Apache Beam pipeline
-    # with the pipeline options in data.beam_options (docs/data.md, "Apache Beam").
+    # with the pipeline options in data.beam_options (docs/data.md, "Apache Beam"); on a dask.distributed cluster:
+    # "--runner=DaskRunner --dask_client_address=HOST:8786".
     c.data.runner = "local"
     c.data.beam_options = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
     # Training order: each epoch takes the record files in a seeded random order, data.block_files at a time,

@@ -132,31 +132,72 @@ def _process_with(task, kw: dict) -> bool:
     return _process(task)
 
 
+def beam_runner_options(options: str) -> list[str]:
+    """`data.beam_options` as a Beam argument list, with what the Dask runner needs to spread the scans.
+
+    Beam's DaskRunner (2.77) is known only by its module path (`--runner=DaskRunner` is accepted here), turns
+    Reshuffle into a no-op and cuts the scans into dask.bag partitions of 128, so a few hundred scans would run on
+    one or two workers. Each scan is seconds of work: unless the options choose `--dask_npartitions` or
+    `--dask_partition_size`, a partition is one scan.
+    """
+    import shlex
+
+    argv = []
+    for a in shlex.split(options):
+        if argv and argv[-1] == "--runner":  # "--runner X" as "--runner=X"
+            argv[-1] = f"--runner={a}"
+        else:
+            argv.append(a)
+    runner = next((a.split("=", 1)[1] for a in argv if a.startswith("--runner=")), "")
+    if runner.endswith("DaskRunner"):
+        # Beam knows it only by its module path.
+        argv = ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner" if a == "--runner=DaskRunner" else a
+                for a in argv]
+        if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in argv):
+            argv.append("--dask_partition_size=1")
+    return argv
+
+
 def run_beam(tasks: list, prep_kw: dict, options: str) -> None:
     """Phase 2 as an Apache Beam pipeline: each scan's preprocessing into its cache entry, on any Beam runner.
 
     `options` are Beam pipeline options as on a command line, e.g. "--runner=DirectRunner --direct_num_workers=4
-    --direct_running_mode=multi_processing", or "--runner=DataflowRunner --project=... --region=...
-    --temp_location=gs://... --setup_file=./setup.py". The cache folder (and the input files) must be visible to
-    every worker at the same path (local disk for the DirectRunner; NFS/Filestore or a GCS FUSE mount on a
-    cluster). The rest of the preparation (tokenizer, records, metadata) reads the cache exactly as after the local
-    process pool, so both runners write byte-identical records.
+    --direct_running_mode=multi_processing", "--runner=DaskRunner --dask_client_address=HOST:8786" (a
+    dask.distributed cluster whose workers have fvlm-jax installed), or "--runner=DataflowRunner --project=...
+    --region=... --temp_location=gs://... --setup_file=./setup.py". The cache folder (and the input files) must be
+    visible to every worker at the same path (local disk for the DirectRunner; NFS/Filestore or a GCS FUSE mount on
+    a cluster). The rest of the preparation (tokenizer, records, metadata) reads the cache exactly as after the
+    local process pool, so every runner writes byte-identical records.
     """
     try:
         import apache_beam as beam
-        from apache_beam.options.pipeline_options import PipelineOptions
+        from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
     except ImportError as e:
         raise ImportError("data.runner='beam' needs Apache Beam: pip install 'fvlm-jax[beam]'") from e
-    import shlex
 
-    log.info("images: running %d scans through Apache Beam (%s)", len(tasks), options or "default DirectRunner")
-    with beam.Pipeline(options=PipelineOptions(shlex.split(options))) as pipeline:
-        done = (pipeline
-                | "scans" >> beam.Create(tasks)
-                | "spread" >> beam.Reshuffle()
-                | "preprocess" >> beam.Map(_process_with, prep_kw))
-        _ = done | "count" >> beam.combiners.Count.PerElement() | "log" >> beam.Map(
-            lambda kv: log.info("beam: %d scans %s", kv[1], "preprocessed" if kv[0] else "rejected"))
+    argv = beam_runner_options(options)
+    pipeline_options = PipelineOptions(argv)
+    runner = pipeline_options.view_as(StandardOptions).runner or "DirectRunner (Beam's default)"
+    log.info("images: running %d scans through Apache Beam, %s (%s)", len(tasks), runner, " ".join(argv))
+    pipeline = beam.Pipeline(options=pipeline_options)
+    # No counting step: its log lines would stay in the workers' processes (the counts are logged from the cache
+    # after the pipeline), and on the DaskRunner its shuffle made 151 tasks of the 21 that 10 scans need.
+    _ = (pipeline
+         | "scans" >> beam.Create(tasks)
+         | "spread" >> beam.Reshuffle()
+         | "preprocess" >> beam.Map(_process_with, prep_kw))
+    result = pipeline.run()
+    client = getattr(result, "client", None)  # the DaskRunner's dask.distributed client
+    try:
+        if client is not None:
+            threads = client.nthreads()
+            log.info("beam: dask.distributed cluster at %s%s: %d workers, %d threads", client.scheduler.address,
+                     " (a LocalCluster the DaskRunner started: no --dask_client_address)" if client.cluster else "",
+                     len(threads), sum(threads.values()))
+        result.wait_until_finish()
+    finally:
+        if client is not None:  # the DaskRunner leaves its client (and any LocalCluster it started) open
+            client.close()
 
 
 def prep_kwargs(p) -> dict:
