@@ -6,7 +6,8 @@ Folder layout:
   tokenizer.model    sentencepiece model
   anatomies.json     anatomy names in model order and their TotalSegmentator classes (name -> id table included)
   preprocessing.json spacing, HU window, crop margin, minimum and model input sizes
-  tasks.json         zero-shot tasks: anatomy, label, negative and positive prompt
+  tasks.json         zero-shot tasks: anatomy, label, negative and positive prompt, and the task's further prompt
+                     pairs (eval.prompt_variants) under "variants"; a task scores with the mean of its pairs
   portable/          the image and text encoders as jax.export StableHLO with their weights (fvlm_jax.portable):
                      runnable with jax and numpy only, without this project's code
 
@@ -28,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from fvlm_jax import portable
-from fvlm_jax.evaluate import image_encoder, prompt_embeddings, task_scores
+from fvlm_jax.evaluate import image_encoder, mean_prompts, prompt_embeddings, task_scores
 from fvlm_jax.models.fvlm import FVLM
 from input_pipeline import preprocess
 from input_pipeline.tokenizer import Tokenizer
@@ -70,8 +71,12 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
     _write_json(os.path.join(out_dir, "preprocessing.json"), {
         "spacing_xyz": list(p.spacing_xyz), "hu_window": list(p.hu_window), "margin_zyx": list(p.margin_zyx),
         "min_size_zyx": list(p.min_size_zyx), "input_zyx": list(cfg.model.input_zyx), "text_len": p.text_len})
+    variants = {}
+    for a, lbl, n, pos in cfg.eval.prompt_variants:
+        variants.setdefault((a, lbl), []).append([n, pos])
     _write_json(os.path.join(out_dir, "tasks.json"),
-                [{"anatomy": a, "label": lbl, "negative": n, "positive": pos} for a, lbl, n, pos in cfg.eval.tasks])
+                [{"anatomy": a, "label": lbl, "negative": n, "positive": pos, "variants": variants.get((a, lbl), [])}
+                 for a, lbl, n, pos in cfg.eval.tasks])
     portable.export_encoders(cfg.model, method, len(anatomies), whole, os.path.join(out_dir, "portable"),
                              anatomies=list(anatomies), text_len=p.text_len)
     return out_dir
@@ -178,10 +183,16 @@ class Predictor:
                 "intact": dict(zip(self.anatomies, intact[0].tolist()))}
 
     def prompt_embeddings(self, tasks: Sequence[Mapping]) -> np.ndarray:
-        """[T, 2, E]: each task's negative and positive prompt embedded by the text encoder."""
-        prompts = self.tokenizer.encode([p for t in tasks for p in (t["negative"], t["positive"])],
-                                        self.prep["text_len"]).reshape(len(tasks), 2, -1)
-        return prompt_embeddings(self.model, prompts)
+        """[T, 2, E]: each task's negative and positive prompt embedded by the text encoder, averaged over the task's
+        pairs (its own and its "variants"), as --mode=eval scores it (evaluate.mean_prompts)."""
+        pairs = [(t["negative"], t["positive"]) for t in tasks]
+        task_of_pair = list(range(len(tasks)))
+        for i, t in enumerate(tasks):
+            pairs += [tuple(v) for v in t.get("variants", ())]
+            task_of_pair += [i] * len(t.get("variants", ()))
+        tokens = self.tokenizer.encode([p for pair in pairs for p in pair], self.prep["text_len"])
+        return mean_prompts(prompt_embeddings(self.model, tokens.reshape(len(pairs), 2, -1)), task_of_pair,
+                            len(tasks))
 
     def task_probabilities(self, emb: np.ndarray, tasks: Sequence[Mapping] | None = None) -> np.ndarray:
         """emb [B, A, E] from `encode_batch` -> P(positive) [B, T] for `tasks` (default: the exported ones, whose

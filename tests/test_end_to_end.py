@@ -75,15 +75,20 @@ def test_train_eval_export_and_resume(prepared_demo):
     seg = workdir / "raw" / "segmentations" / "test" / scan.name
     scores = pred.score(str(scan), str(seg))
     enc = pred.encode(str(scan), str(seg))
-    # Each task's prompts embedded by the exported model; a score is the two-way softmax of the similarities of its
-    # anatomy's embedding to them, by hand.
+    # Each task's prompt pairs embedded by the exported model and averaged; a score is the two-way softmax of the
+    # similarities of its anatomy's embedding to them, by hand.
     temp = float(pred.model.temp())
 
     def embed(pairs):
         return np.asarray(pred.model.encode_text(pred.tokenizer.encode([p for pair in pairs for p in pair],
                                                                        pred.prep["text_len"])), np.float64)
 
-    prompts = {f"{t['anatomy']}/{t['label']}": (t, embed([(t["negative"], t["positive"])])) for t in pred.tasks}
+    def task_prompts(t):  # the mean over the task's pairs (its own and its variants), as evaluation scores
+        pairs = [(t["negative"], t["positive"]), *map(tuple, t["variants"])]
+        return embed(pairs).reshape(len(pairs), 2, -1).mean(0)
+
+    assert all(len(t["variants"]) == 1 for t in pred.tasks)  # configs/demo.py: one variant pair per task
+    prompts = {f"{t['anatomy']}/{t['label']}": (t, task_prompts(t)) for t in pred.tasks}
     assert len(prompts) == 13 and set(scores) == set(prompts)
     for name, (t, p) in prompts.items():
         s_neg, s_pos = p @ enc["embeddings"][t["anatomy"]] / temp

@@ -55,9 +55,10 @@ SCRIPT = textwrap.dedent("""
     # Each score: the two-way softmax of its prompts' similarities to its anatomy's embedding, by hand.
     emb = pred.encode(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))["embeddings"]
     for t in pred.tasks:
-        tokens = pred.tokenizer.encode([t["negative"], t["positive"]], pred.prep["text_len"])
-        s_neg, s_pos = np.asarray(pred.model.encode_text(tokens), np.float64) @ emb[t["anatomy"]] / float(
-            pred.model.temp())
+        pairs = [[t["negative"], t["positive"]], *t["variants"]]  # the task's pairs, averaged as eval does
+        tokens = pred.tokenizer.encode([p for pair in pairs for p in pair], pred.prep["text_len"])
+        prompt = np.asarray(pred.model.encode_text(tokens), np.float64).reshape(len(pairs), 2, -1).mean(0)
+        s_neg, s_pos = prompt @ emb[t["anatomy"]] / float(pred.model.temp())
         want = 1 / (1 + np.exp(s_neg - s_pos))
         assert abs(scores[f"{t['anatomy']}/{t['label']}"] - want) < 1e-5, (t, scores, want)
     assert "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None

@@ -59,7 +59,8 @@ def test_fresh_process_reproduces_the_predictor(tiny_export, tmp_path):
     tokens = pred.tokenizer.encode([p for t in pred.tasks for p in (t["negative"], t["positive"])],
                                    pred.prep["text_len"])
     np.save(tmp_path / "tokens.npy", tokens)
-    np.save(tmp_path / "text.npy", pred.prompt_embeddings(pred.tasks).reshape(len(tokens), -1))
+    main_pairs = [{**t, "variants": []} for t in pred.tasks]  # the tokens above: each task's own pair alone
+    np.save(tmp_path / "text.npy", pred.prompt_embeddings(main_pairs).reshape(len(tokens), -1))
 
     res = subprocess.run([sys.executable, "-c", SERVE, str(tiny_export / "portable"), str(tmp_path)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
