@@ -82,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_shards = 4
     c.data.strict = False  # true: any rejected input fails the preparation (after rejects.jsonl is written)
     c.data.use_metadata = True  # CT-RATE: geometry and HU from metadata/*.csv instead of the NIfTI header
-    c.data.decomposition_dir = ""  # folder with fVLM's desc_info.json / conc_info.json (empty: built-in splitter)
+    # Report decomposition made elsewhere (empty: built-in splitter): a folder with fVLM's desc_info.json /
+    # conc_info.json, a RadGenome-ChestCT region CSV (.csv), a JSONL (.jsonl), or a folder of .csv / .jsonl files.
+    c.data.decomposition_dir = ""
     c.data.workers = 2
     # "local": a process pool of data.workers on this machine. "beam": the image work as an Apache Beam pipeline
     # with the pipeline options in data.beam_options (docs/data.md, "Apache Beam"); on a dask.distributed cluster:

@@ -265,7 +265,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             scans[split].append(s)
 
     decomposition_dir = cfg.data.decomposition_dir or ""
-    desc, conc = sources.load_decomposition(decomposition_dir) if decomposition_dir else ({}, {})
+    desc, conc = sources.load_decomposition(decomposition_dir, anatomies) if decomposition_dir else ({}, {})
     from_files = fallback = 0
     texts, text_problem = {}, {}  # a scan's texts, or why its report is unusable (reported after its image)
     for split in splits:

@@ -1,5 +1,6 @@
 """Where scans come from: the CT-RATE layout (data.source "ct_rate" / "demo"), a generic JSONL manifest
-(data.source "manifest"), and optionally fVLM's published report decomposition files.
+(data.source "manifest"), and optionally report decompositions made elsewhere (fVLM's published JSON files,
+RadGenome-ChestCT's region sentences, a generic JSONL).
 
 JSONL manifest (one JSON object per line, UTF-8):
   {"id": "patient7_ct1", "image": "ct/p7.nii.gz", "segmentation": "seg/p7/", "findings": "...",
@@ -13,11 +14,17 @@ Report placeholders ("Not given.") count as empty.
 
 from __future__ import annotations
 
+import collections
+import csv
 import json
+import logging
 import os
+import re
 
 from input_pipeline import ct_rate, report_split
 from input_pipeline.ct_rate import Scan
+
+log = logging.getLogger(__name__)
 
 
 def read_manifest(path: str) -> tuple[list[Scan], list[str], list[dict]]:
@@ -101,15 +108,50 @@ def list_all(cfg, raw_root: str, splits: list[str]) -> tuple[dict[str, list[Scan
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fVLM's published decomposition files
+# Report decompositions made elsewhere: fVLM's JSON files, RadGenome-ChestCT's region sentences, a generic JSONL
 # ---------------------------------------------------------------------------------------------------------------
 DECOMPOSITION_FILES = ("desc_info.json", "conc_info.json")  # findings part, impression part
+RADGENOME_COLUMNS = ("Volumename", "Anatomy", "Sentence")
+DECOMPOSITION_JSONL_KEYS = ("id", "anatomy", "text", "abnormal")
 _MARK = "fvlmanatomymark"  # a word no report contains: makes every sentence belong to the anatomy being labelled
 
 
-def load_decomposition(folder: str) -> tuple[dict, dict]:
-    """(findings, impression) tables {scan id: {anatomy: text}} from desc_info.json and conc_info.json (a missing
-    file is an empty table; neither present raises FileNotFoundError)."""
+def load_decomposition(path: str, anatomies) -> tuple[dict, dict]:
+    """(findings, impression) tables {scan id: {anatomy: text}} of a decomposition made elsewhere. `path` is a
+    folder with fVLM's desc_info.json / conc_info.json (a missing one is an empty table), a RadGenome-ChestCT CSV
+    (.csv), a generic JSONL (.jsonl), or a folder of .csv / .jsonl files (their tables are merged). Raises
+    FileNotFoundError when nothing usable is there, ValueError for a malformed file (naming the file and line)."""
+    if os.path.isdir(path):
+        fvlm = [n for n in DECOMPOSITION_FILES if os.path.exists(os.path.join(path, n))]
+        others = sorted(n for n in os.listdir(path) if n.endswith((".csv", ".jsonl")))
+        if fvlm and others:
+            raise ValueError(f"data.decomposition_dir={path} holds both fVLM's {fvlm} and {others}: "
+                             "point it at one of them")
+        if fvlm:
+            return _load_fvlm(path)
+        if not others:
+            raise FileNotFoundError(f"data.decomposition_dir={path} holds neither of {DECOMPOSITION_FILES} nor "
+                                    "any .csv (RadGenome-ChestCT) or .jsonl file")
+        files = [os.path.join(path, n) for n in others]
+    elif os.path.isfile(path) and path.endswith((".csv", ".jsonl")):
+        files = [path]
+    elif os.path.isfile(path):
+        raise ValueError(f"data.decomposition_dir={path}: expected a folder, a .csv (RadGenome-ChestCT) or a .jsonl "
+                         "file")
+    else:
+        raise FileNotFoundError(f"data.decomposition_dir={path} does not exist")
+    findings, impression = {}, {}
+    for f in files:
+        rows = _radgenome_rows(f, anatomies) if f.endswith(".csv") else _jsonl_rows(f, anatomies)
+        for scan, anatomy, text, abnormal in rows:
+            parts = (impression if abnormal else findings).setdefault(scan, {}).setdefault(anatomy, [])
+            if text not in parts:  # reconstructions of one scan repeat its sentences
+                parts.append(text)
+    return tuple({k: {a: " ".join(v) for a, v in t.items()} for k, t in table.items()}
+                 for table in (findings, impression))
+
+
+def _load_fvlm(folder: str) -> tuple[dict, dict]:
     tables = []
     for name in DECOMPOSITION_FILES:
         path = os.path.join(folder, name)
@@ -121,9 +163,88 @@ def load_decomposition(folder: str) -> tuple[dict, dict]:
             tables.append(data)
         else:
             tables.append({})
-    if not any(os.path.exists(os.path.join(folder, n)) for n in DECOMPOSITION_FILES):
-        raise FileNotFoundError(f"data.decomposition_dir={folder} holds neither of {DECOMPOSITION_FILES}")
     return tables[0], tables[1]
+
+
+def _decomposition_key(name: str) -> str:
+    """The table key of a scan or volume name: "train_1_a_1.nii.gz" -> "train_1_a", as fVLM's files key scans."""
+    name = name.strip()
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+    return ct_rate.scan_key(name)
+
+
+def region_anatomies(region: str, anatomies) -> list[str]:
+    """The configured anatomies a RadGenome region belongs to: those whose name is a word of the region name
+    ("left lung" -> ["lung"], "trachea and bronchie" -> ["trachea"] when "trachea" is configured)."""
+    region = region.strip().lower()
+    return [a for a in anatomies if re.search(rf"(?<![a-z0-9]){re.escape(a.lower())}(?![a-z0-9])", region)]
+
+
+def _log_ignored(path: str, ignored: collections.Counter, what: str) -> None:
+    if ignored:
+        log.info("%s: %d rows ignored (%s: %s)", os.path.basename(path), sum(ignored.values()), what,
+                 ", ".join(f"{k or '(none)'!r} {n}" for k, n in ignored.most_common()))
+
+
+def _radgenome_rows(path: str, anatomies):
+    """(scan key, anatomy, sentence, False) of a RadGenome-ChestCT region CSV (Volumename, Anatomy, Sentence).
+    Rows whose region maps to no configured anatomy (or that have no region: whole-report sentences) are ignored,
+    counted and logged."""
+    rows, ignored = [], collections.Counter()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in RADGENOME_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} line 1: no column {', '.join(missing)} (RadGenome-ChestCT needs "
+                             f"{', '.join(RADGENOME_COLUMNS)}; found {reader.fieldnames})")
+        for row in reader:
+            volume, region, sentence = ((row.get(c) or "").strip() for c in RADGENOME_COLUMNS)
+            if not volume:
+                raise ValueError(f"{path} line {reader.line_num}: empty Volumename")
+            if not sentence:
+                continue
+            matched = region_anatomies(region, anatomies) if region else []
+            if not matched:
+                ignored[region] += 1
+            rows += [(_decomposition_key(volume), a, sentence, False) for a in matched]
+    _log_ignored(path, ignored, "region in no configured anatomy")
+    return rows
+
+
+def _jsonl_rows(path: str, anatomies):
+    """(scan key, anatomy, text, abnormal) of a JSONL decomposition, one {"id", "anatomy", "text", "abnormal"} per
+    line. An abnormal text goes to the impression table, as fVLM's conc_info.json holds the abnormal part. Lines
+    with an anatomy that is not configured are ignored, counted and logged."""
+    rows, ignored, configured = [], collections.Counter(), set(anatomies)
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} line {n}: not a JSON object")
+            missing = [k for k in DECOMPOSITION_JSONL_KEYS if k not in obj]
+            if missing:
+                raise ValueError(f"{path} line {n}: no key {', '.join(missing)} (each line needs "
+                                 f"{', '.join(DECOMPOSITION_JSONL_KEYS)})")
+            if not isinstance(obj["id"], (str, int)) or not str(obj["id"]).strip():
+                raise ValueError(f"{path} line {n}: id must be a non-empty string")
+            if not isinstance(obj["anatomy"], str) or not isinstance(obj["text"], str):
+                raise ValueError(f"{path} line {n}: anatomy and text must be strings")
+            if not isinstance(obj["abnormal"], bool):
+                raise ValueError(f"{path} line {n}: abnormal must be true or false")
+            anatomy, text = obj["anatomy"].strip(), " ".join(obj["text"].split())
+            if anatomy not in configured:
+                ignored[anatomy] += 1
+            elif text:
+                rows.append((_decomposition_key(str(obj["id"])), anatomy, text, obj["abnormal"]))
+    _log_ignored(path, ignored, "anatomy not configured")
+    return rows
 
 
 def label_anatomy_text(text: str, anatomy: str, vocabulary=report_split.DEFAULT_VOCABULARY,
