@@ -57,6 +57,9 @@ def cases(tmp_path_factory, tiny_export):
     ct = EXAMPLE / "example_ct_sm.nii.gz"
     rows.append({"id": "real", "image": str(ct), "segmentation": str(EXAMPLE / "example_seg.nii.gz")})
     rows.append({"id": "real_parts", "image": str(ct), "segmentation": str(EXAMPLE / "example_seg_parts")})
+    # The DICOM series of the same data set, with TotalSegmentator's output for it.
+    rows.append({"id": "dicom", "image": str(EXAMPLE / "ct_dicom"),
+                 "segmentation": str(EXAMPLE / "example_seg_dicom.nii.gz")})
     # "Head CT": the real CT with a segmentation that keeps only classes of no configured anatomy (vertebrae, ribs,
     # stomach, colon...): no anatomy of this chest-and-abdomen model is there.
     seg = nib.load(str(EXAMPLE / "example_seg.nii.gz"))
@@ -85,11 +88,11 @@ def cases(tmp_path_factory, tiny_export):
 @pytest.mark.slow  # the tiny export and the predicted manifest: ~20 s of setup
 def test_good_scans_are_written_and_bad_ones_listed(cases):
     out, res = cases["out"], cases["res"]
-    assert res["written"] == ["demo1", "demo2", "real", "real_parts", "head"]
+    assert res["written"] == ["demo1", "demo2", "real", "real_parts", "dicom", "head"]
     errors = {e["id"]: e["error"] for e in res["errors"]}
     assert json.loads((out / "errors.json").read_text()) == res["errors"]
-    assert set(errors) == {"scans.jsonl line 10", "no_seg", "off_grid", "not_ct", "demo1"}
-    assert "not valid JSON" in errors["scans.jsonl line 10"]
+    assert set(errors) == {"scans.jsonl line 11", "no_seg", "off_grid", "not_ct", "demo1"}
+    assert "not valid JSON" in errors["scans.jsonl line 11"]
     assert errors["no_seg"].startswith("segmentation not found")
     assert "is not on the grid of image" in errors["off_grid"]
     assert "does not look like CT in Hounsfield units" in errors["not_ct"]
@@ -105,7 +108,8 @@ def test_results_match_the_predictor(cases):
     scored_somewhere = 0
     for sid, ct, seg in (("demo1", d / "demo1.nii.gz", d / "demo1_seg.nii.gz"),
                          ("demo2", d / "demo2.nii.gz", d / "demo2_seg.nii.gz"),
-                         ("real", EXAMPLE / "example_ct_sm.nii.gz", EXAMPLE / "example_seg.nii.gz")):
+                         ("real", EXAMPLE / "example_ct_sm.nii.gz", EXAMPLE / "example_seg.nii.gz"),
+                         ("dicom", EXAMPLE / "ct_dicom", EXAMPLE / "example_seg_dicom.nii.gz")):
         result = json.loads((out / f"{sid}.json").read_text())
         enc = pred.encode(str(ct), str(seg))
         want = reference_status(pred, seg, enc["present"], enc["intact"])
