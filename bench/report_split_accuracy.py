@@ -3,7 +3,8 @@
 Run: python bench/report_split_accuracy.py [--fixture PATH] [--errors]
 
 Splits each report of the fixture with the shipped vocabulary (`report_split.chest_ct_vocabulary()`) and compares,
-per part of the fixture (tuning, held-out 1, held-out 2, all), with the hand-checked gold split and the published labels:
+per part of the fixture (tuning, held-out 1, held-out 2, all), with the hand-checked gold split and the published
+labels:
 
 * sentences, per anatomy (lung, heart, esophagus, aorta): recall = gold sentences of the anatomy that the splitter
   gives it, precision = sentences the splitter gives it that the gold gives it too (a gold and a splitter sentence
