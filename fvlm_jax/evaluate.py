@@ -164,9 +164,9 @@ def public_windows(image: np.ndarray, labels: np.ndarray, anatomies: Sequence[in
 def encode_public(enc: ImageEncoder, batches: Iterable[dict], anatomies: Sequence[int], num_anatomies: int,
                   crop_zyx, patch_zyx, *, global_pool: bool = False, desc: str | None = None) -> dict:
     """Embeds every scan as fVLM's public eval.py does: one window per anatomy (`public_windows`), each through the
-    image encoder at its own size (the position embeddings resized to its token grid; one compilation per distinct
-    window shape). Batches hold whole volumes, one scan each (`input_pipeline.tfdata.eval_batches` with
-    size_zyx=None; packed or plain labels, as `encode_images` takes them).
+    image encoder at its own size (the position embeddings resized to its token grid; a scan's windows of one shape
+    go together, one compilation per distinct shape and count). Batches hold whole volumes, one scan each
+    (`input_pipeline.tfdata.eval_batches` with size_zyx=None; packed or plain labels, as `encode_images` takes them).
 
     Returns {"emb": [N, A, E] (anatomy a's embedding from its own window; the global-pool baseline's embedding of
     that window; zeros where no window), "scored": [N, A] bool (a window was embedded), "targets", "ids"} like
@@ -183,13 +183,17 @@ def encode_public(enc: ImageEncoder, batches: Iterable[dict], anatomies: Sequenc
                 labels = label_packing.unpack_labels(packed, k, image.shape[-1], int(b["label_shift"][i]))
             else:
                 labels = np.asarray(b["labels"][i])
-            out = [(a, enc(img[None], lab[None])[0]) for a, img, lab in
-                   public_windows(image, labels, anatomies, crop_zyx, patch_zyx)]  # dispatched, then read back
+            groups = {}  # windows of one shape go through the encoder together (CT-RATE: often heart, esophagus
+            for a, img, lab in public_windows(image, labels, anatomies, crop_zyx, patch_zyx):  # and aorta)
+                groups.setdefault(img.shape, []).append((a, img, lab))
+            out = [([a for a, _, _ in g], enc(np.stack([w[1] for w in g]), np.stack([w[2] for w in g]))[0])
+                   for g in groups.values()]  # all dispatched, then read back
             emb, got = None, np.zeros(num_anatomies, bool)
-            for a, e in out:
-                e = np.asarray(e)[0]  # [A or 1, E]
+            for group, e in out:
+                e = np.asarray(e)  # [windows, A or 1, E]
                 emb = np.zeros((num_anatomies, e.shape[-1]), e.dtype) if emb is None else emb
-                emb[a], got[a] = e[0 if global_pool else a], True
+                for j, a in enumerate(group):
+                    emb[a], got[a] = e[j, 0 if global_pool else a], True
             embs.append(emb)
             scored.append(got)
             targets.append(np.asarray(b["targets"][i]))

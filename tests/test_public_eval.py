@@ -271,3 +271,55 @@ def test_encode_public_embeds_each_anatomy_from_its_own_window(tiny_fvlm):
         want = np.asarray(enc(img[None], lab[None])[0])[0, a]
         np.testing.assert_allclose(got["emb"][i, a], want, atol=1e-5)
     assert not got["emb"][1, 1:].any() and not got["emb"][0, 2:].any()
+
+
+@pytest.mark.slow
+def test_public_protocol_on_the_prepared_demo(prepared_demo, tiny_fvlm, tmp_path):
+    """evaluate_all with eval.protocol="public" on the demo records (a step-1 checkpoint of an untrained fvlm). The
+    demo's stored volumes are all 32 x 48 x 64, the model input, and every window is then the whole volume with one
+    anatomy's labels: its embedding of that anatomy is the project protocol's (pooling reads that anatomy's tokens
+    only). So the public scores are the project path's scores with one prompt pair per task, and 0 where the scan
+    lacks the anatomy; no retrieval runs."""
+    from flax import nnx
+
+    from fvlm_jax import checkpoint, sharding
+    from fvlm_jax.layout import load_manifest, records_dir
+    from input_pipeline import label_packing, tfdata
+    from input_pipeline.tokenizer import Tokenizer
+
+    cfg = tiny_config()
+    cfg.train.methods = ("fvlm",)
+    cfg.eval.protocol = "public"
+    cfg.data.threshold_split = cfg.data.eval_split = "test"  # one pass over the records
+    rdir = records_dir(str(prepared_demo))
+    manifest = load_manifest(str(prepared_demo))
+
+    def batches(split):
+        return tfdata.eval_batches(rdir, split, batch_size=1, size_zyx=None)
+
+    model = tiny_fvlm
+    with checkpoint.manager(str(tmp_path / "train" / "checkpoints"), 1) as mngr:
+        checkpoint.save(mngr, 1, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+    tok = Tokenizer(f"{rdir}/{manifest['tokenizer']}")
+    summary, results, data = zero_shot.evaluate_all(cfg, str(tmp_path), manifest, tok, batches,
+                                                    sharding.make_mesh(cfg))
+    r = results["fvlm"]
+    assert r["protocol"] == "public" and r["retrieval"] == {} and r["step"] == 1
+    assert list(summary["fvlm"]["per_task"]) == [f"{t[0]}/{t[1]}" for t in cfg.eval.tasks]
+    assert all(len(p) == 1 for p in r["prompts"].values())  # one pair per task
+    assert "Protocol `public`" in zero_shot.markdown_report(results)
+
+    test = data["fvlm"]["test"]
+    project = evaluate.encode_images(model, tfdata.eval_batches(rdir, "test", batch_size=cfg.eval.batch_size,
+                                                                size_zyx=cfg.model.input_zyx))
+    assert project["ids"] == test["ids"]
+    spec = zero_shot.task_spec(cfg, manifest["label_columns"])
+    tokens = tok.encode([p for _, neg, pos in spec.pairs for p in (neg, pos)], cfg.prep.text_len)
+    prompts = evaluate.prompt_embeddings(model, tokens.reshape(len(spec.pairs), 2, -1))
+    index = [manifest["anatomies"].index(a) for a in spec.anatomies]
+    want = evaluate.task_scores(project["emb"], prompts, index, float(model.temp()))
+    k = label_packing.packing_factor(len(manifest["anatomies"]))
+    present = np.stack([np.isin(np.arange(1, 8), label_packing.unpack_labels(b["labels_packed"][0], k, 64))
+                        for b in batches("test")])
+    np.testing.assert_array_equal(test["scored"], present)
+    np.testing.assert_allclose(test["scores"], np.where(present[:, index], want, 0.0), atol=1e-5)
