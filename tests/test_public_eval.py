@@ -219,6 +219,11 @@ def test_public_protocol_takes_eval_py_prompts_one_pair_per_task():
     cfg.eval.protocol = "eval.py"
     with pytest.raises(ValueError, match="eval.protocol"):
         zero_shot.task_spec(cfg, [t[1] for t in demo.TASKS])
+    from fvlm_jax import config_checks
+
+    cfg.eval.public_tasks = (("pancreas", "Mass", "No mass.", "Mass."),)
+    with pytest.raises(ValueError, match="eval.protocol=.*eval.py.*\n.*eval.public_tasks entries"):
+        config_checks.validate(cfg)
 
 
 def test_a_task_whose_anatomy_has_no_window_scores_zero():
