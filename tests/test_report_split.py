@@ -74,12 +74,39 @@ def test_sentence_splitting_keeps_decimals_abbreviations_and_lists():
      {"heart": (), "aorta": (), "mediastinum": ()}),
     ("Calcific atheroma plaques are observed in the aortic arch.", {"aorta": ("Arterial wall calcification",)}),
     ("Prosthetic material was observed in the aortic valve.", {"heart": (), "mediastinum": ("Medical material",)}),
+    # General rules (issue 21): valves and chambers are heart but not coronary calcification or cardiomegaly.
+    ("Calcification was observed in the aortic valve.", {"heart": ("Valve calcification",)}),
+    ("Calcified plaques in the aortic valve and the coronary arteries.",
+     {"heart": ("Coronary artery wall calcification", "Valve calcification")}),
+    ("There is a millimetric calcific plaque proximal to the LAD.", {"heart": ("Coronary artery wall calcification",)}),
+    ("The left atrium is larger than normal.", {"heart": ("Cardiac chamber enlargement",)}),
+    ("The heart is slightly larger than normal.", {"heart": ("Cardiomegaly",)}),
+    # A post-negation scopes back over its clause past a participle, not past a verb of the trigger's own.
+    ("Bilateral pleural effusion observed in the previous examination was not detected in this examination.",
+     {"lung": ()}),
+    ("Emphysema is observed and pleural effusion was not detected.", {"lung": ("Emphysema",)}),
+    # Lymph nodes: a short axis >= 10 mm is lymphadenopathy.
+    ("Lymph nodes measuring 19x11 mm were observed in the paratracheal area.", {"mediastinum": ("Lymphadenopathy",)}),
+    ("Lymph nodes with a short axis of 8 mm in the mediastinum.", {"mediastinum": ()}),
+    ("Mediastinal lymph nodes less than 10 mm in short axis.", {"mediastinum": ()}),
+    ("Fixation material is observed in the thoracic vertebrae.", {"mediastinum": ("Medical material",)}),
+    ("A calcified nodule in the right upper lobe, sequelae of granulomatous infection.", {"lung": ("Lung nodule",)}),
+    ("Pleuroparenchymal sequelae densities in the right upper lobe.", {"lung": ("Pulmonary fibrotic sequela",)}),
 ])
 def test_hand_written_sentences(findings, expected):
     result = split_report(findings, "")
     assert {a: t.diseases for a, t in result.items()} == expected
     for t in result.values():
         assert t.normal == (not t.diseases)
+
+
+@pytest.mark.parametrize("sentence, enlarged", [
+    ("Lymph nodes, the largest 23x16.5mm in size.", True), ("A lymph node of 1.2 x 0.8 cm.", False),
+    ("A lymph node of 1.2 x 1.1 cm.", True), ("Lymph nodes with a short diameter of 12 mm.", True),
+    ("A lymph node of 15 mm.", False), ("A 19x11 mm nodule in the left lower lobe.", False),
+    ("Lymph nodes smaller than 15x12 mm.", False)])
+def test_enlarged_node_size_is_a_short_axis_of_10_mm(sentence, enlarged):
+    assert report_split.enlarged_node_size(sentence) is enlarged
 
 
 def test_texts_findings_then_impression_deduplicated():
