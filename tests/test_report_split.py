@@ -210,17 +210,21 @@ def test_real_reports_fixture_is_well_formed():
 
 
 # Held-out figures measured with the shipped vocabulary (docs/data.md, "The splitter on real reports"), rounded
-# down: a change to the splitter may raise them, not lower them. Held-out 2 was measured before any change made
-# after it was added.
+# down: a change to the splitter may raise them, not lower them. Measured after issue 21's rule changes (none fell:
+# held-out 1 and 2 rose or stayed); held-out 3 was measured once, blind, after those changes.
 HELD_OUT_FLOOR = {
-    "held-out 1": {"recall lung": 0.97, "recall heart": 0.97, "recall esophagus": 1.0, "recall aorta": 1.0,
+    "held-out 1": {"recall lung": 0.97, "recall heart": 1.0, "recall esophagus": 1.0, "recall aorta": 1.0,
                    "precision lung": 0.96, "precision heart": 0.97, "precision esophagus": 0.93,
-                   "precision aorta": 1.0, "found": 1.0, "flag": 0.96, "abnormal caught": 0.90,
-                   "label precision": 0.89, "label recall": 0.90},
+                   "precision aorta": 1.0, "found": 1.0, "flag": 0.98, "abnormal caught": 0.95,
+                   "label precision": 0.92, "label recall": 0.96},
     "held-out 2": {"recall lung": 0.98, "recall heart": 1.0, "recall esophagus": 1.0, "recall aorta": 0.93,
                    "precision lung": 0.97, "precision heart": 0.98, "precision esophagus": 1.0,
                    "precision aorta": 0.95, "found": 0.99, "flag": 0.98, "abnormal caught": 0.92,
-                   "label precision": 0.83, "label recall": 0.83},
+                   "label precision": 0.9, "label recall": 0.88},
+    "held-out 3": {"recall lung": 0.98, "recall heart": 0.92, "recall esophagus": 0.94, "recall aorta": 0.93,
+                   "precision lung": 0.99, "precision heart": 0.97, "precision esophagus": 1.0,
+                   "precision aorta": 1.0, "found": 1.0, "flag": 0.97, "abnormal caught": 0.93,
+                   "label precision": 0.92, "label recall": 0.91},
 }
 
 
