@@ -17,7 +17,16 @@ Rules (documented because they decide labels):
   "although", "except", ";") lies between them; a trigger followed in its clause by a post-cue ("is not seen",
   "has resolved", "is excluded", ...) is negated too, and so is a trigger followed, with no verb of its own in
   between, by "(was|were) not detected/observed/seen/identified/found/present" before a scope breaker (CT-RATE's
-  "Bilateral pleural effusion, pneumothorax were not detected").
+  "Bilateral pleural effusion, pneumothorax were not detected"). Within its clause such a post-cue scopes back past a
+  participle ("pleural effusion observed in the previous examination was not detected"), not past a finite verb
+  or "and" ("Emphysema is observed and pleural effusion was not detected" keeps the emphysema).
+- A trigger shared by several diseases of one anatomy goes to the one whose site words (DEFAULT_SITES) are named
+  in its clause, else nearest, else the first listed: valve calcification is not coronary artery calcification,
+  an enlarged atrium or ventricle is not cardiomegaly (both keep the heart abnormal, as diseases outside the 18
+  CT-RATE labels). DEFAULT_EXCLUSIONS drops a trigger in a context: "density" of a sequela is not a lung
+  opacity, a "sequela of granulomatous infection" is not fibrotic sequela.
+- Lymph nodes given a short axis >= 10 mm (the smaller of "19x11 mm", or a size named as the short axis) are
+  lymphadenopathy, the usual radiological criterion; "less than"/"up to" sizes are not.
 - Hedges count as positive: "likely", "probable", "suggestive of", "consistent with", and also the uncertain
   "possible", "cannot be excluded", "may represent" (a radiologist raising a disease is treated as a
   positive mention, which favours sensitivity; "cannot be excluded" is matched before the negating "excluded").
@@ -56,7 +65,8 @@ DEFAULT_LEXICON: dict[str, tuple[str, ...]] = {
              "subpleural", "interlobular", "interseptal", "septal", "peribronchial", "apical", "apicoposterior",
              "anterobasal", "laterobasal", "mediobasal", "posterobasal"),
     "heart": ("heart", "cardiac", "pericardial", "pericardium", "coronary", "cardiomegaly", "myocardium",
-              "ventricle", "atrium", "cardiothoracic", "CTO", "aortic valve", "mitral valve"),
+              "ventricle", "ventricles", "ventricular", "atrium", "atria", "atrial", "cardiothoracic", "CTO",
+              "aortic valve", "mitral valve", "tricuspid valve", "pulmonary valve", "LAD"),
     "esophagus": ("esophagus", "esophageal", "oesophagus", "oesophageal", "hiatal", "hiatus",
                   "gastroesophageal"),
     "aorta": ("aorta", "aortic", "main vascular structures", "major vascular structures",
@@ -68,7 +78,8 @@ DEFAULT_LEXICON: dict[str, tuple[str, ...]] = {
                     "lymphadenopathy", "LAP", "pacemaker", "sternotomy", "catheter", "port catheter", "trachea",
                     "tracheal", "main bronchi", "main bronchus", "pulmonary artery", "pulmonary arteries",
                     "pulmonary arterial", "pulmonary trunk", "pulmonary embolism", "tube", "stent", "prosthesis",
-                    "prosthetic", "suture", "sutures"),
+                    "prosthetic", "suture", "sutures", "fixation material", "fixation materials", "surgical material",
+                    "surgical materials", "clip", "clips", "wire", "wires"),
 }
 
 DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
@@ -87,7 +98,8 @@ DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
                              "effusions"),
         "Mosaic attenuation pattern": ("mosaic attenuation", "mosaic pattern", "mosaic perfusion"),
         "Peribronchial thickening": ("peribronchial thickening", "bronchial wall thickening",
-                                     "peribronchial cuffing", "peribronchial sheath"),
+                                     "peribronchial cuffing", "peribronchial sheath",
+                                     "peribronchovascular thickening", "thickening in the peribronchovascular"),
         "Consolidation": ("consolidation", "consolidations", "consolidated", "consolidative", "pneumonia",
                           "pneumonic"),
         "Bronchiectasis": ("bronchiectasis", "bronchiectatic"),
@@ -106,6 +118,13 @@ DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
             "coronary calcification", "coronary calcifications", "coronary atherosclerosis",
             "calcified plaque", "calcified plaques", "calcification", "calcifications", "atherosclerotic",
             "atherosclerosis", "calcified", "calcific", "atheroma", "atheromatous", "plaque", "plaques"),
+        # Not CT-RATE labels: they make the heart abnormal without being read as cardiomegaly or coronary
+        # calcification (DEFAULT_SITES decides between them).
+        "Cardiac chamber enlargement": ("enlarged", "enlargement", "increased in size", "larger than normal",
+                                        "size increased", "size has increased"),
+        "Valve calcification": ("valve calcification", "valvular calcification", "calcified plaque",
+                                "calcified plaques", "calcification", "calcifications", "calcified", "calcific",
+                                "atheroma", "atheromatous", "plaque", "plaques"),
     },
     "esophagus": {
         "Hiatal hernia": ("hiatal hernia", "hiatus hernia", "hernia", "herniation"),
@@ -132,10 +151,31 @@ DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
         "Lymphadenopathy": ("lymphadenopathy", "enlarged lymph node", "enlarged lymph nodes",
                             "pathologically enlarged", "lymph node enlargement", "LAP"),
         "Medical material": ("pacemaker", "catheter", "stent", "sternotomy", "prosthesis", "port catheter",
-                             "surgical clips", "cerclage wires", "tube", "prosthetic", "suture", "sutures"),
+                             "surgical clips", "cerclage wires", "tube", "prosthetic", "suture", "sutures",
+                             "fixation material", "fixation materials", "surgical material", "surgical materials",
+                             "clip", "clips", "wire", "wires"),
     },
 }
 
+# A trigger shared by several diseases of one anatomy goes to the disease whose site words are named in its clause,
+# else to the one named nearest in the sentence, else to the first listed: calcification of a valve is not coronary
+# artery calcification, and an enlarged atrium or ventricle is not cardiomegaly (the heart is abnormal either way).
+DEFAULT_SITES: dict[str, dict[str, tuple[str, ...]]] = {
+    "heart": {
+        "Cardiomegaly": ("heart", "cardiac", "cardiothoracic", "CTO", "CTR", "cardiomegaly"),
+        "Cardiac chamber enlargement": ("atrium", "atria", "atrial", "ventricle", "ventricles", "ventricular",
+                                        "chamber", "chambers"),
+        "Coronary artery wall calcification": ("coronary", "coronaries", "LAD", "RCA", "circumflex"),
+        "Valve calcification": ("valve", "valves", "valvular", "annulus", "annular"),
+    },
+}
+
+# A trigger does not give its disease when its clause holds the context: the density of a sequela (a scar) is not a
+# lung opacity, and the sequela of a granulomatous infection (a calcified granuloma) is not fibrosis.
+DEFAULT_EXCLUSIONS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("lung", "Lung opacity"): (("density", "densities"), r"\bsequelae?\b|\bfibro|\bscar"),
+    ("lung", "Pulmonary fibrotic sequela"): (("sequela", "sequelae"), r"\bgranulom"),
+}
 
 
 def chest_ct_vocabulary() -> dict[str, dict]:
@@ -226,6 +266,9 @@ _NEG_POST = ("is not seen", "are not seen", "is not identified", "are not identi
 # lies between them (the trigger is then one of the cue's subjects, a comma-separated list included).
 _NEG_POST_LIST = re.compile(r"\b(?:(?:is|are|was|were)\s+)?not\s+(?:detected|observed|seen|identified|found|present)\b",
                             re.IGNORECASE)
+# A finite verb (or "and") between a trigger and a post-cue in its clause gives the trigger a predicate of its own;
+# a participle alone does not ("pleural effusion observed in the previous examination was not detected").
+_FINITE = re.compile(r"\b(?:is|are|was|were|has|have|had|shows?|showed|and)\b", re.IGNORECASE)
 _VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|shows?|showed|observed|seen|detected|noted|identified|found|"
                    r"present)\b", re.IGNORECASE)
 # Window settings name an anatomy without describing it ("When examined in the lung parenchyma window; ...").
@@ -330,6 +373,9 @@ def _negated(sentence: str, start: int, end: int) -> bool:
     cue = _NEG_POST_LIST.search(after[:breaker.start()] if breaker else after)
     if cue and not _VERB.search(after[:cue.start()]):
         return True
+    cue = _NEG_POST_LIST.search(post)
+    if cue and not _FINITE.search(post[:cue.start()]):
+        return True
     before = lower[:start]
     breakers = list(_BREAKERS.finditer(before))
     scope = before[breakers[-1].end():] if breakers else before
@@ -352,6 +398,46 @@ def _mentions(sentence: str, lexicon) -> dict[str, list[int]]:
     return found
 
 
+# Lymph nodes with a short axis of 10 mm or more are lymphadenopathy (the usual radiological criterion): the
+# smaller of two or three sizes ("19x11 mm"), or one size given as the short axis/diameter.
+_NODE = re.compile(r"\blymph\s+nodes?\b", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:[.,]\d+)?)(?:\s*[x×*]\s*(\d+(?:[.,]\d+)?))?(?:\s*[x×*]\s*(\d+(?:[.,]\d+)?))?"
+                   r"\s*(mm|cm)\b", re.IGNORECASE)
+_SHORT = re.compile(r"\bshort\s+(?:axis|axes|diameter|diameters)\b", re.IGNORECASE)
+_BELOW = re.compile(r"\b(?:less\s+than|smaller\s+than|below|under|up\s+to|<)\s*$", re.IGNORECASE)
+NODE_SHORT_AXIS_MM = 10.0
+
+
+def enlarged_node_size(sentence: str) -> bool:
+    """Whether the sentence gives lymph nodes a short axis of NODE_SHORT_AXIS_MM or more."""
+    if not _NODE.search(sentence):
+        return False
+    for m in _SIZE.finditer(sentence):
+        if _BELOW.search(sentence[:m.start()]):
+            continue
+        dims = [float(d.replace(",", ".")) for d in m.groups()[:3] if d]
+        scale = 10.0 if m.group(4).lower() == "cm" else 1.0
+        if len(dims) > 1 or _SHORT.search(sentence[max(0, m.start() - 40):m.start()]):
+            if min(dims) * scale >= NODE_SHORT_AXIS_MM:
+                return True
+    return False
+
+
+def _by_site(sentence: str, start: int, owners: list[tuple[str, str]], clause: list[int], sites) -> list:
+    """Of several diseases of one anatomy sharing a trigger, the one whose site is named in its clause, else the
+    nearest named, else the first listed (DEFAULT_SITES)."""
+    out = []
+    for anatomy in dict.fromkeys(a for a, _ in owners):
+        mine = [(a, d) for a, d in owners if a == anatomy]
+        where = {o: [s for s, _ in _find_all(sentence, sites.get(anatomy, {}).get(o[1], ()), True)] for o in mine}
+        if len(mine) > 1 and any(sites.get(anatomy, {}).get(d) for _, d in mine):
+            same = [o for o in mine if any(clause[p] == clause[start] for p in where[o])]
+            named = [o for o in mine if where[o]]
+            mine = same or ([min(named, key=lambda o: min(abs(p - start) for p in where[o]))] if named else mine[:1])
+        out += mine
+    return out
+
+
 def _clause_id(sentence: str) -> list[int]:
     ids, k, last = [], 0, 0
     for m in _CLAUSE.finditer(sentence):
@@ -364,6 +450,8 @@ def _clause_id(sentence: str) -> list[int]:
 
 def split_report(findings: str, impression: str, lexicon: Mapping[str, Sequence[str]] = DEFAULT_LEXICON,
                  vocabulary: Mapping[str, Mapping[str, Sequence[str]]] = DEFAULT_VOCABULARY,
+                 sites: Mapping[str, Mapping[str, Sequence[str]]] = DEFAULT_SITES,
+                 exclusions: Mapping[tuple[str, str], tuple[Sequence[str], str]] = DEFAULT_EXCLUSIONS,
                  ) -> dict[str, AnatomyText]:
     """Decomposes a report into per-anatomy texts with the diseases each states as present.
 
@@ -371,6 +459,9 @@ def split_report(findings: str, impression: str, lexicon: Mapping[str, Sequence[
     assign a sentence to it. vocabulary: anatomy -> disease -> trigger phrases. Returns {anatomy: AnatomyText}
     for every anatomy mentioned at least once; its text is its sentences (findings first, then impression,
     deduplicated) joined by spaces, `diseases` the sorted non-negated diseases found, `normal` = no diseases.
+    sites: anatomy -> disease -> words that choose between diseases sharing a trigger (`_by_site`); exclusions:
+    (anatomy, disease) -> (triggers, context regex) under which those triggers do not give the disease. An anatomy
+    with "Lymphadenopathy" in its vocabulary gets it from lymph nodes with a short axis >= 10 mm.
     """
     texts: dict[str, list[str]] = {}
     diseases: dict[str, set[str]] = {}
@@ -394,7 +485,18 @@ def split_report(findings: str, impression: str, lexicon: Mapping[str, Sequence[
                 else:
                     nearest = min(owners, key=lambda o: min(abs(p - start) for p in mentions[o[0]]))
                     owners = [nearest]
+            owners = _by_site(sentence, start, owners, clause, sites)
             for anatomy, disease in owners:
+                excluded = exclusions.get((anatomy, disease))
+                if excluded and sentence[start:end].lower() in excluded[0]:
+                    k = clause[start]
+                    text = "".join(ch for ch, c in zip(sentence, clause) if c == k)
+                    if re.search(excluded[1], text, re.IGNORECASE):
+                        continue
                 diseases[anatomy].add(disease)
+        if enlarged_node_size(sentence):
+            for anatomy in mentions:
+                if "Lymphadenopathy" in vocabulary.get(anatomy, {}):
+                    diseases[anatomy].add("Lymphadenopathy")
     return {a: AnatomyText(text=" ".join(texts[a]), normal=not diseases[a], diseases=tuple(sorted(diseases[a])))
             for a in texts}

@@ -74,12 +74,39 @@ def test_sentence_splitting_keeps_decimals_abbreviations_and_lists():
      {"heart": (), "aorta": (), "mediastinum": ()}),
     ("Calcific atheroma plaques are observed in the aortic arch.", {"aorta": ("Arterial wall calcification",)}),
     ("Prosthetic material was observed in the aortic valve.", {"heart": (), "mediastinum": ("Medical material",)}),
+    # General rules (issue 21): valves and chambers are heart but not coronary calcification or cardiomegaly.
+    ("Calcification was observed in the aortic valve.", {"heart": ("Valve calcification",)}),
+    ("Calcified plaques in the aortic valve and the coronary arteries.",
+     {"heart": ("Coronary artery wall calcification", "Valve calcification")}),
+    ("There is a millimetric calcific plaque proximal to the LAD.", {"heart": ("Coronary artery wall calcification",)}),
+    ("The left atrium is larger than normal.", {"heart": ("Cardiac chamber enlargement",)}),
+    ("The heart is slightly larger than normal.", {"heart": ("Cardiomegaly",)}),
+    # A post-negation scopes back over its clause past a participle, not past a verb of the trigger's own.
+    ("Bilateral pleural effusion observed in the previous examination was not detected in this examination.",
+     {"lung": ()}),
+    ("Emphysema is observed and pleural effusion was not detected.", {"lung": ("Emphysema",)}),
+    # Lymph nodes: a short axis >= 10 mm is lymphadenopathy.
+    ("Lymph nodes measuring 19x11 mm were observed in the paratracheal area.", {"mediastinum": ("Lymphadenopathy",)}),
+    ("Lymph nodes with a short axis of 8 mm in the mediastinum.", {"mediastinum": ()}),
+    ("Mediastinal lymph nodes less than 10 mm in short axis.", {"mediastinum": ()}),
+    ("Fixation material is observed in the thoracic vertebrae.", {"mediastinum": ("Medical material",)}),
+    ("A calcified nodule in the right upper lobe, sequelae of granulomatous infection.", {"lung": ("Lung nodule",)}),
+    ("Pleuroparenchymal sequelae densities in the right upper lobe.", {"lung": ("Pulmonary fibrotic sequela",)}),
 ])
 def test_hand_written_sentences(findings, expected):
     result = split_report(findings, "")
     assert {a: t.diseases for a, t in result.items()} == expected
     for t in result.values():
         assert t.normal == (not t.diseases)
+
+
+@pytest.mark.parametrize("sentence, enlarged", [
+    ("Lymph nodes, the largest 23x16.5mm in size.", True), ("A lymph node of 1.2 x 0.8 cm.", False),
+    ("A lymph node of 1.2 x 1.1 cm.", True), ("Lymph nodes with a short diameter of 12 mm.", True),
+    ("A lymph node of 15 mm.", False), ("A 19x11 mm nodule in the left lower lobe.", False),
+    ("Lymph nodes smaller than 15x12 mm.", False)])
+def test_enlarged_node_size_is_a_short_axis_of_10_mm(sentence, enlarged):
+    assert report_split.enlarged_node_size(sentence) is enlarged
 
 
 def test_texts_findings_then_impression_deduplicated():
@@ -165,13 +192,14 @@ def test_config_check_names_an_anatomy_without_words():
 # -------------------------------------------------------------------------------------------------------------
 def test_real_reports_fixture_is_well_formed():
     reports = accuracy.load_fixture()
-    assert len(reports) >= 70 and len({r["id"] for r in reports}) == len(reports)
+    assert len(reports) >= 90 and len({r["id"] for r in reports}) == len(reports)
     assert {accuracy.part_of(r) for r in reports} == set(accuracy.PARTS)
     for r in reports:
         assert set(r) == {"id", "source", "findings", "impression", "gold", "labels", "labels_source", "part"}, r["id"]
-        assert r["source"].startswith("github:") and r["labels_source"] in ("published", "hand"), r["id"]
-        # The first 35 reports were split by a hash of the id; every later one is held out ("held-out 2").
-        assert r["part"] == "held-out 2" or r["part"] == accuracy.hash_part(r["id"]), r["id"]
+        assert r["source"].startswith("github:") and r["labels_source"] in ("published", "published manual",
+                                                                                  "hand"), r["id"]
+        # The first 35 reports were split by a hash of the id; every later one is held out ("held-out 2", "3").
+        assert r["part"] in ("held-out 2", "held-out 3") or r["part"] == accuracy.hash_part(r["id"]), r["id"]
         assert set(r["gold"]) <= set(accuracy.ANATOMIES), r["id"]
         text = " ".join((r["findings"] + " " + r["impression"]).split())
         for anatomy, gold in r["gold"].items():
@@ -182,17 +210,21 @@ def test_real_reports_fixture_is_well_formed():
 
 
 # Held-out figures measured with the shipped vocabulary (docs/data.md, "The splitter on real reports"), rounded
-# down: a change to the splitter may raise them, not lower them. Held-out 2 was measured before any change made
-# after it was added.
+# down: a change to the splitter may raise them, not lower them. Measured after issue 21's rule changes (none fell:
+# held-out 1 and 2 rose or stayed); held-out 3 was measured once, blind, after those changes.
 HELD_OUT_FLOOR = {
-    "held-out 1": {"recall lung": 0.97, "recall heart": 0.97, "recall esophagus": 1.0, "recall aorta": 1.0,
+    "held-out 1": {"recall lung": 0.97, "recall heart": 1.0, "recall esophagus": 1.0, "recall aorta": 1.0,
                    "precision lung": 0.96, "precision heart": 0.97, "precision esophagus": 0.93,
-                   "precision aorta": 1.0, "found": 1.0, "flag": 0.96, "abnormal caught": 0.90,
-                   "label precision": 0.89, "label recall": 0.90},
+                   "precision aorta": 1.0, "found": 1.0, "flag": 0.98, "abnormal caught": 0.95,
+                   "label precision": 0.92, "label recall": 0.96},
     "held-out 2": {"recall lung": 0.98, "recall heart": 1.0, "recall esophagus": 1.0, "recall aorta": 0.93,
                    "precision lung": 0.97, "precision heart": 0.98, "precision esophagus": 1.0,
                    "precision aorta": 0.95, "found": 0.99, "flag": 0.98, "abnormal caught": 0.92,
-                   "label precision": 0.83, "label recall": 0.83},
+                   "label precision": 0.9, "label recall": 0.88},
+    "held-out 3": {"recall lung": 0.98, "recall heart": 0.92, "recall esophagus": 0.94, "recall aorta": 0.93,
+                   "precision lung": 0.99, "precision heart": 0.97, "precision esophagus": 1.0,
+                   "precision aorta": 1.0, "found": 1.0, "flag": 0.97, "abnormal caught": 0.93,
+                   "label precision": 0.92, "label recall": 0.91},
 }
 
 
