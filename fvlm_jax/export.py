@@ -32,10 +32,11 @@ from fvlm_jax import portable
 from fvlm_jax.evaluate import image_encoder, mean_prompts, prompt_embeddings, task_scores
 from fvlm_jax.models.fvlm import FVLM
 from input_pipeline import preprocess
-from input_pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
+from input_pipeline.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILES, WORDPIECE_FILE, load_tokenizer
 
 # Bumped whenever a reader of an older folder would misread it. 2: format_version recorded, portable/ added.
-FORMAT_VERSION = 2
+# 3: the text encoder's architecture in the model config (model.text.arch: a pretrained BERT's, or tokenizer.json).
+FORMAT_VERSION = 3
 
 
 def _write_json(path, obj):
@@ -64,7 +65,8 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
     needed = {c for classes in anatomies.values() for c in classes}
     _write_json(os.path.join(out_dir, "model.json"),
                 {"format_version": FORMAT_VERSION, "method": method, "model": cfg.model.to_dict()})
-    shutil.copy(tokenizer_path, os.path.join(out_dir, os.path.basename(tokenizer_path)))
+    shutil.copy(tokenizer_path, os.path.join(out_dir, WORDPIECE_FILE if tokenizer_path.endswith(".json")
+                                             else SENTENCEPIECE_FILE))
     _write_json(os.path.join(out_dir, "anatomies.json"), {
         "anatomies": anatomies, "class_table_version": p.class_table,
         "class_ids": {str(i): n for i, n in class_table.items() if n in needed}})
