@@ -28,6 +28,7 @@ import logging
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -378,8 +379,8 @@ def bert_hidden_states(folder: str, sentences: list[str]) -> tuple[np.ndarray, n
     t = ml_collections.ConfigDict(text_config(folder))
     tok = WordPieceTokenizer.from_folder(folder)
     ids = tok.encode(sentences, min(int(max(tok.lengths(sentences))), t.max_len))
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: text_encoder(t, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: text_encoder(t, rngs=nnx.Rngs(0))))
     weights, _ = bert_params(folder, t.heads, t.depth)
-    nnx.replace_by_pure_dict(abstract, merge(nnx.to_pure_dict(abstract), weights))
-    model = nnx.merge(graphdef, abstract)
-    return np.asarray(model.hidden_states(jnp.asarray(ids)), np.float32), ids
+    nnx.replace_by_pure_dict(state, merge(nnx.to_pure_dict(state), weights))
+    hidden = jax.jit(lambda state, ids: nnx.merge(graphdef, state).hidden_states(ids))(state, jnp.asarray(ids))
+    return np.asarray(hidden, np.float32), ids

@@ -10,6 +10,7 @@ PyTorch and transformers, must give this project's encoders the source models' o
 
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,13 +18,10 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from fvlm_jax import pretrained, stages, train_state
+from fvlm_jax import pretrained, sharding, stages, train_state
 from fvlm_jax.models import text as text_model
 from fvlm_jax.models.vit3d import ViT3D
 from input_pipeline import tokenizer as tk
-
-torch = pytest.importorskip("torch", reason="the pretrained-checkpoint tests build checkpoints with PyTorch "
-                                             "(pip install torch==2.13.0: the CPU build)")
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ["the", "no", "is", "are", "there", "of", "in", "and", "with", "lung", "heart", "size", "normal", "pleural",
@@ -38,7 +36,14 @@ BERT = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_atte
 VIT = dict(width=32, depth=2, heads=4, mlp=64, patch=8, side=4)  # a 2D ViT on 32 x 32 RGB images, 4 x 4 patches
 
 
-def randomize(module, seed):
+@pytest.fixture(scope="module")
+def torch():
+    """PyTorch, imported by the tests that use it (not at collection: every pytest worker collects this file)."""
+    return pytest.importorskip("torch", reason="the pretrained-checkpoint tests build checkpoints with PyTorch "
+                                               "(pip install torch==2.13.0: the CPU build)")
+
+
+def randomize(torch, module, seed):
     """Every weight random (LayerNorm scales around 1), so a weight mapped to the wrong place shows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,7 +53,7 @@ def randomize(module, seed):
 
 
 @pytest.fixture(scope="module")
-def bert_folders(tmp_path_factory):
+def bert_folders(tmp_path_factory, torch):
     """{"safetensors": a BertModel folder saved by save_pretrained, "bin": a BertForMaskedLM state dict ("bert."
     keys and the MLM head) in pytorch_model.bin} -> (folder, the transformers BertModel)."""
     transformers = pytest.importorskip("transformers", reason="the BERT test builds its checkpoint with transformers")
@@ -59,12 +64,12 @@ def bert_folders(tmp_path_factory):
         config = transformers.BertConfig(**BERT)
         if kind == "safetensors":
             model = transformers.BertModel(config, add_pooling_layer=True)
-            randomize(model, 0)
+            randomize(torch, model, 0)
             model.save_pretrained(folder)
             assert (folder / "model.safetensors").exists()
         else:
             mlm = transformers.BertForMaskedLM(config)
-            randomize(mlm, 1)
+            randomize(torch, mlm, 1)
             torch.save(mlm.state_dict(), folder / "pytorch_model.bin")
             config.to_json_file(folder / "config.json")
             model = mlm.bert
@@ -85,7 +90,7 @@ def test_wordpiece_ids_equal_transformers(bert_folders):
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
-def test_bert_hidden_states_equal_transformers(bert_folders, kind):
+def test_bert_hidden_states_equal_transformers(bert_folders, torch, kind):
     folder, model = bert_folders[kind]
     hidden, ids = pretrained.bert_hidden_states(folder, SENTENCES)
     assert hidden.dtype == np.float32 and hidden.shape == (*ids.shape, BERT["hidden_size"])
@@ -173,7 +178,7 @@ def test_training_refuses_records_of_another_tokenizer(bert_folders, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # ViT
 # ---------------------------------------------------------------------------------------------------------------
-def vit2d_state_dict(seed=0) -> dict:
+def vit2d_state_dict(torch, seed=0) -> dict:
     """A 2D ViT state dict in timm's / MAE's key layout, random weights."""
     g = torch.Generator().manual_seed(seed)
     d, m, p, n = VIT["width"], VIT["mlp"], VIT["patch"], VIT["side"] ** 2
@@ -193,7 +198,7 @@ def vit2d_state_dict(seed=0) -> dict:
     return sd
 
 
-def vit2d_reference(sd, img, heads):
+def vit2d_reference(torch, sd, img, heads):
     """The 2D ViT's block outputs and final norm on img [B, 3, H, W], written plainly in PyTorch (timm's Block:
     pre-LN, fused qkv rows [q|k|v][head][channel], LayerNorm eps 1e-6), without the class token: fVLM's 3D ViT has
     none. GELU in its tanh form, as transformer.Block computes it (timm's is the erf form)."""
@@ -225,19 +230,19 @@ def vision_cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def vit_files(tmp_path_factory):
+def vit_files(tmp_path_factory, torch):
     """{"safetensors": timm's format, "pth": MAE's torch.save({"model": state dict})} -> (path, state dict)."""
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("vit")
-    sd = vit2d_state_dict()
+    sd = vit2d_state_dict(torch)
     save_file(sd, str(folder / "vit.safetensors"))
     torch.save({"model": sd}, folder / "mae.pth")
     return {"safetensors": str(folder / "vit.safetensors"), "pth": str(folder / "mae.pth")}, sd
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "pth"])
-def test_inflated_vit_equals_the_2d_model_on_one_patch_depth(vit_files, kind):
+def test_inflated_vit_equals_the_2d_model_on_one_patch_depth(vit_files, torch, kind):
     files, sd = vit_files
     side = VIT["side"] * VIT["patch"]
     v = vision_cfg(init=files[kind])
@@ -250,17 +255,16 @@ def test_inflated_vit_equals_the_2d_model_on_one_patch_depth(vit_files, kind):
         input_zyx=(4, side, side), patch_zyx=v.patch_zyx, width=v.width, depth=v.depth, heads=v.heads,
         mlp_dim=v.mlp_dim, feature_blocks=v.feature_blocks, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(abstract, pretrained.merge(nnx.to_pure_dict(abstract), tree))
-    model = nnx.merge(graphdef, abstract)
 
     grey = np.random.default_rng(0).random((2, side, side), np.float32)
     volume = np.repeat(grey[:, None], 4, axis=1)  # [B, Z = one patch, Y, X], identical slices
-    got = np.asarray(model(jnp.asarray(volume)))  # [levels, B, N, D]
-    want = vit2d_reference(sd, torch.from_numpy(np.repeat(grey[:, None], 3, axis=1)), VIT["heads"])
+    got = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(abstract, volume))  # [levels, B, N, D]
+    want = vit2d_reference(torch, sd, torch.from_numpy(np.repeat(grey[:, None], 3, axis=1)), VIT["heads"])
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-4
 
 
-def test_resize_bilinear_equals_torch():
+def test_resize_bilinear_equals_torch(torch):
     import torch.nn.functional as F
 
     grid = np.random.default_rng(1).normal(size=(14, 14, 5))  # float64: the same formula agrees to rounding
@@ -270,7 +274,7 @@ def test_resize_bilinear_equals_torch():
         np.testing.assert_allclose(pretrained.resize_bilinear(grid, out), want, rtol=0, atol=1e-12)
 
 
-def test_vit_position_grid_fresh_stem_and_errors(vit_files, tmp_path):
+def test_vit_position_grid_fresh_stem_and_errors(vit_files, torch, tmp_path):
     files, sd = vit_files
     v = vision_cfg(init=files["safetensors"], init_patch="fresh", stem_channels=(16,))
     tree, report = pretrained.vit_params(v.init, v, (12, 48, 24))  # grid (3, 6, 3)
@@ -306,3 +310,12 @@ def test_init_state_starts_from_both_checkpoints(bert_folders, vit_files):
     np.testing.assert_array_equal(params["vision"]["stem"]["layers"][0]["kernel"],
                                   loaded["vision"]["stem"]["layers"][0]["kernel"])
     assert params["vision"]["pos"].shape == (4 * 6 * 8, 32)  # the demo's grid, from the 2D 4 x 4
+
+
+def test_bert_architecture_without_checkpoint_has_logical_axes():
+    """model.text.arch="bert" alone: a randomly initialised BERT-shaped encoder, every weight sharded by name."""
+    cfg = tiny_config()
+    cfg.model.text.arch = "bert"
+    model = nnx.eval_shape(lambda: train_state.create_model(cfg, "fvlm"))
+    assert sharding.unnamed_weights(nnx.state(model, nnx.Param)) == []
+    assert type(model.text).__name__ == "BertEncoder"
