@@ -153,7 +153,7 @@ def check_records_tokenizer(cfg: ml_collections.ConfigDict, manifest: dict) -> N
         needs = f"the WordPiece of model.text.init={folder} ({want['sha256'][:12]})" if folder else (
             "sentencepiece (no model.text.init)")
         raise ValueError(f"the records were tokenised with {made}, but the text encoder needs {needs}: run "
-                         "--mode=prepare again with this model.text.init")
+                         "--mode=prepare again with this config, or set model.text.init as the records were made")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from input_pipeline import tokenizer as tk
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ["the", "no", "is", "are", "there", "of", "in", "and", "with", "lung", "heart", "size", "normal", "pleural",
-         "effusion", "nodule", "small", "left", "right", "upper", "lobe", "aorta", "calc", "##ific", "##ation", "##s",
-         "##al", "##ed", "##ing"]
+         "effusion", "nodule", "small", "left", "right", "upper", "lobe", "aorta", "calc", "##ific", "##ation", "##al",
+         "##ed", "##ing"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,;:()-/", *LETTERS, *(f"##{c}" for c in LETTERS), *WORDS]
+assert len(set(VOCAB)) == len(VOCAB) == 93
 SENTENCES = ["No pleural effusion.", "The heart is normal in size; small calcification of the aorta.",
              "Nodules in the right upper lobe, left lung normal.", "Café €", ""]
 # A tiny BERT: hidden 32, 2 layers, 4 heads; 512 positions so the demo's text lengths fit in the FVLM test.
