@@ -233,7 +233,7 @@ def vision_cfg(**kw):
 @pytest.fixture(scope="module")
 def vit_files(tmp_path_factory, torch):
     """{"safetensors": timm's format, "pth": MAE's torch.save({"model": state dict})} -> (path, state dict)."""
-    from safetensors.torch import save_file
+    save_file = pytest.importorskip("safetensors.torch", reason="pip install safetensors").save_file
 
     folder = tmp_path_factory.mktemp("vit")
     sd = vit2d_state_dict(torch)
