@@ -31,6 +31,12 @@ _ORDER = ["lung", "heart", "esophagus", "aorta"]
 _SCORED.sort(key=lambda label: _ORDER.index(LABEL_ANATOMY[label]))
 # The reference protocol's 16 scored labels with its prompts, "Not X." / "X." (the public eval.py).
 TASKS = [(LABEL_ANATOMY[d], d, f"Not {d}.", f"{d}.") for d in _SCORED]
+# The public protocol's prompts (eval.protocol="public"): eval.py's own pairs at commit d768ec1, which differ from
+# "Not X." / "X." for 4 labels (eval.py:143-160).
+PUBLIC_PROMPTS = {"Atelectasis": ("Not Atelectatic.", "Atelectatic."), "Lung nodule": ("Not Nodule.", "Nodule."),
+                  "Lung opacity": ("Not Opacity.", "Opacity."),
+                  "Pulmonary fibrotic sequela": ("Not Pulmonary fibrotic.", "Pulmonary fibrotic.")}
+PUBLIC_TASKS = [(a, d, *PUBLIC_PROMPTS.get(d, (neg, pos))) for a, d, neg, pos in TASKS]
 # Two more phrasings per label, averaged with the reference pair (fvlm_jax.evaluate.mean_prompts). Written down
 # without CT-RATE scores (none were run here): nothing was chosen on a split. eval/<method>.json reports each pair's
 # AUC on data.threshold_split; --config.eval.prompt_variants="()" scores the reference pair alone.
@@ -122,12 +128,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # report then says the step was chosen on the reported split).
     c.eval.checkpoints = "latest"
     c.eval.count = "scan"  # one reconstruction per scan; "reconstruction" counts every record (fVLM's issue #12)
+    c.eval.public_crop_zyx = (112, 288, 352)  # eval.py:266 roi_size
+    c.eval.public_tasks = PUBLIC_TASKS  # used by eval.protocol="public" only
     if arg == "runlocal":  # the same code path at a size that runs on a laptop
         # A coarse grid so the whole chest fits the small crop and anatomies stay intact (else nothing trains).
         c.prep.spacing_xyz = (6.0, 6.0, 12.0)
         c.prep.margin_zyx = (1, 2, 2)
         c.model.input_zyx = (32, 64, 64)
         c.prep.min_size_zyx = (32, 64, 64)
+        c.eval.public_crop_zyx = (32, 96, 64)  # the input with y 2 patches longer, as eval.py's crop
         c.model.vision.update(patch_zyx=(8, 16, 16), width=64, depth=2, heads=4, mlp_dim=128, feature_blocks=(1,))
         c.model.text.update(width=64, depth=2, heads=4, mlp_dim=128)
         c.train.batch_size, c.train.steps = 4, 10

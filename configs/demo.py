@@ -221,6 +221,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # draws for every task and method.
     c.eval.bootstrap_draws = 1000
     c.eval.bootstrap_seed = 0
+    # "project": the protocol above (one centre crop of model.input_zyx per scan, prompt pairs averaged, retrieval).
+    # "public": fVLM's public eval.py (docs/evaluation.md, "The public protocol"): one window per anatomy of at least
+    # eval.public_crop_zyx around it (position embeddings resized to its grid), eval.public_tasks (() = eval.tasks)
+    # with one prompt pair per task, 0 for a task whose anatomy the scan lacks, no retrieval.
+    c.eval.protocol = "project"
+    c.eval.public_crop_zyx = (32, 64, 64)  # the demo's input with y 2 patches longer, as eval.py's 112 x 288 x 352
+    c.eval.public_tasks = ()
 
     if arg == "tiny":  # the tests' shared config (configs/demo.py:tiny): seconds per stage on a 2-core CPU
         c.data.update(num_train=32, num_valid=12, num_test=12, num_shards=2)

@@ -90,6 +90,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           "negative, positive")
     if cfg.eval.count not in ("scan", "reconstruction"):
         errors.append(f"eval.count={cfg.eval.count!r}: choose 'scan' or 'reconstruction'")
+    if cfg.eval.protocol not in ("project", "public"):
+        errors.append(f"eval.protocol={cfg.eval.protocol!r}: choose 'project' or 'public'")
+    if len(cfg.eval.public_crop_zyx) != 3 or any(t[0] not in anatomies or len(t) != 4 for t in cfg.eval.public_tasks):
+        errors.append("eval.public_crop_zyx needs 3 values (z, y, x); eval.public_tasks entries (anatomy in "
+                      "prep.anatomies, label, negative, positive)")
     if str(cfg.eval.checkpoints).strip() not in ("latest", "all") and not all(
             s.isdigit() for s in str(cfg.eval.checkpoints).replace(",", " ").split()):
         errors.append(f"eval.checkpoints={cfg.eval.checkpoints!r}: 'latest', 'all' or steps such as '200,400'")

@@ -22,9 +22,10 @@ from jax.sharding import PartitionSpec as P
 from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
-from fvlm_jax import augment, sharding
+from fvlm_jax import anatomy, augment, sharding
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.prefetch import prefetch
+from input_pipeline import label_packing
 
 
 class ImageEncoder:
@@ -136,6 +137,81 @@ def encode_images(model: FVLM | ImageEncoder, batches: Iterable[dict], mesh: jax
 
 
 TEXT_KEYS = ("text_tokens", "has_text", "report_tokens")
+
+
+def public_windows(image: np.ndarray, labels: np.ndarray, anatomies: Sequence[int], crop_zyx, patch_zyx):
+    """The public protocol's windows of one scan (fVLM eval.py:276-327): yields (a, image [z, y, x], labels
+    [z, y, x]) for each anatomy a of `anatomies` that the scan holds and `anatomy.public_usable` admits.
+
+    image [Z, Y, X] and labels [Z, Y, X] (0 background, a + 1 for anatomy a) are the scan's whole stored volume.
+    A window is `anatomy.public_crop_window` around anatomy a, its labels keeping anatomy a alone (eval.py crops
+    `mask == a + 1`), both zero-padded at the end to a multiple of the patch. An anatomy absent from the scan gets
+    no window (eval.py leaves its scores empty).
+    """
+    whole = np.bincount(labels.ravel(), minlength=labels.max(initial=0) + 1)[1:]
+    for a in anatomies:
+        if a >= len(whole) or not whole[a]:
+            continue
+        mask = labels == a + 1
+        start, stop = anatomy.public_crop_window(mask, crop_zyx)
+        window = tuple(slice(b, e) for b, e in zip(start, stop))
+        lab = anatomy.pad_end_to_multiple(np.where(mask[window], a + 1, 0).astype(labels.dtype), patch_zyx)
+        # eval.py passes skip_organ = a: the cropped anatomy is exempt from both rules, so this always admits it.
+        if anatomy.public_usable(lab, whole, skip=a)[a]:
+            yield a, anatomy.pad_end_to_multiple(image[window], patch_zyx), lab
+
+
+def encode_public(enc: ImageEncoder, batches: Iterable[dict], anatomies: Sequence[int], num_anatomies: int,
+                  crop_zyx, patch_zyx, *, global_pool: bool = False, desc: str | None = None) -> dict:
+    """Embeds every scan as fVLM's public eval.py does: one window per anatomy (`public_windows`), each through the
+    image encoder at its own size (the position embeddings resized to its token grid; a scan's windows of one shape
+    go together, one compilation per distinct shape and count). Batches hold whole volumes, one scan each
+    (`input_pipeline.tfdata.eval_batches` with size_zyx=None; packed or plain labels, as `encode_images` takes them).
+
+    Returns {"emb": [N, A, E] (anatomy a's embedding from its own window; the global-pool baseline's embedding of
+    that window; zeros where no window), "scored": [N, A] bool (a window was embedded), "targets", "ids"} like
+    `encode_images`, without texts (the public protocol has no retrieval).
+    """
+    embs, scored, targets, ids = [], [], [], []
+    bar = tqdm(desc=desc, unit="scan", disable=desc is None or jax.process_index() != 0)
+    for b in batches:
+        for i in np.flatnonzero(np.asarray(b["mask"], bool)):
+            image = np.asarray(b["image"][i])
+            if "labels_packed" in b:
+                packed = np.asarray(b["labels_packed"][i])
+                k = label_packing.factor_from_shapes(packed.shape[-1], image.shape[-1])
+                labels = label_packing.unpack_labels(packed, k, image.shape[-1], int(b["label_shift"][i]))
+            else:
+                labels = np.asarray(b["labels"][i])
+            groups = {}  # windows of one shape go through the encoder together (CT-RATE: often heart, esophagus
+            for a, img, lab in public_windows(image, labels, anatomies, crop_zyx, patch_zyx):  # and aorta)
+                groups.setdefault(img.shape, []).append((a, img, lab))
+            out = [([a for a, _, _ in g], enc(np.stack([w[1] for w in g]), np.stack([w[2] for w in g]))[0])
+                   for g in groups.values()]  # all dispatched, then read back
+            emb, got = None, np.zeros(num_anatomies, bool)
+            for group, e in out:
+                e = np.asarray(e)  # [windows, A or 1, E]
+                emb = np.zeros((num_anatomies, e.shape[-1]), e.dtype) if emb is None else emb
+                for j, a in enumerate(group):
+                    emb[a], got[a] = e[j, 0 if global_pool else a], True
+            embs.append(emb)
+            scored.append(got)
+            targets.append(np.asarray(b["targets"][i]))
+            rid = np.asarray(b["id"])[i]
+            ids.append(rid.decode() if isinstance(rid, bytes) else str(rid))
+            bar.update(1)
+    bar.close()
+    if not ids:
+        raise ValueError("encode_public: no scans")
+    width = next((e.shape[-1] for e in embs if e is not None), 1)
+    emb = np.stack([np.zeros((num_anatomies, width), np.float32) if e is None else e for e in embs])
+    return {"emb": emb, "scored": np.stack(scored), "targets": np.stack(targets), "ids": ids}
+
+
+def zero_unscored(scores: np.ndarray, scored: np.ndarray, anatomy_index: Sequence[int]) -> np.ndarray:
+    """scores [N, T] with 0 where task t's anatomy has no window in scan n (scored [N, A] False): eval.py leaves
+    that cell empty and calc_metrics.py:64-66 reads it as 0."""
+    return np.where(scored[:, np.asarray(anatomy_index)], scores, 0.0)
 
 
 class TextEmbedder:

@@ -93,7 +93,9 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     rdir = records_dir(workdir)
     tok = load_tokenizer(os.path.join(rdir, manifest["tokenizer"]))
 
-    def batches(split):
+    def batches(split):  # the public protocol crops each anatomy out of the whole stored volume
+        if cfg.eval.protocol == "public":
+            return tfdata.eval_batches(rdir, split, batch_size=1, size_zyx=None)
         return tfdata.eval_batches(rdir, split, batch_size=cfg.eval.batch_size, size_zyx=cfg.model.input_zyx)
 
     summary, results, data = zero_shot.evaluate_all(cfg, workdir, manifest, tok, batches, sharding.make_mesh(cfg))

@@ -33,6 +33,9 @@ from fvlm_jax.layout import train_dir
 log = logging.getLogger(__name__)
 
 COUNTS = ("scan", "reconstruction")
+# eval.protocol: "project" (this project's: one centre crop of model.input_zyx per scan, prompt pairs averaged,
+# retrieval) or "public" (fVLM's public eval.py: one crop per anatomy, its prompts; docs/evaluation.md).
+PROTOCOLS = ("project", "public")
 
 
 @dataclasses.dataclass
@@ -44,14 +47,24 @@ class TaskSpec:
     pairs: list[tuple[int, str, str]]  # (task index, negative, positive); each task's eval.tasks pair first
 
 
+def protocol_tasks(cfg: ml_collections.ConfigDict) -> tuple[list[tuple], list[tuple]]:
+    """(tasks, prompt variants) of cfg.eval.protocol: "project" takes eval.tasks and eval.prompt_variants; "public"
+    takes eval.public_tasks (eval.tasks where that is empty) with one prompt pair per task, as eval.py scores."""
+    if cfg.eval.protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol={cfg.eval.protocol!r}: choose one of {PROTOCOLS}")
+    if cfg.eval.protocol == "public":
+        return [tuple(t) for t in (cfg.eval.public_tasks or cfg.eval.tasks)], []
+    return [tuple(t) for t in cfg.eval.tasks], [tuple(v) for v in cfg.eval.prompt_variants]
+
+
 def task_spec(cfg: ml_collections.ConfigDict, label_columns: Sequence[str]) -> TaskSpec:
-    tasks = [tuple(t) for t in cfg.eval.tasks]
+    tasks, variants = protocol_tasks(cfg)
     missing = [t[1] for t in tasks if t[1] not in label_columns]
     if missing:
         raise ValueError(f"eval.tasks labels {missing} are not columns of the label table {list(label_columns)}")
     key = {(a, label): i for i, (a, label, _, _) in enumerate(tasks)}
     pairs = [(i, neg, pos) for i, (_, _, neg, pos) in enumerate(tasks)]
-    for a, label, neg, pos in (tuple(v) for v in cfg.eval.prompt_variants):
+    for a, label, neg, pos in variants:
         if (a, label) not in key:
             raise ValueError(f"eval.prompt_variants entry ({a!r}, {label!r}) is not a task of eval.tasks")
         pairs.append((key[a, label], neg, pos))
@@ -99,13 +112,22 @@ def counted(enc: dict, count: str) -> dict:
 
 
 def pair_scores(img_emb: np.ndarray, pair_emb: np.ndarray, spec: TaskSpec, anatomies: Sequence[str], method: str,
-                temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [N, T] of the tasks, each from the mean of its pairs; scores [N, P] of each pair alone)."""
+                temperature: float, scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N, T] of the tasks, each from the mean of its pairs; scores [N, P] of each pair alone).
+
+    img_emb [N, A, E] (the CLIP baseline's [N, 1, E], except under the public protocol, where each anatomy has its
+    own window and so its own global embedding). scored [N, A] (public protocol): a task whose anatomy has no
+    window in a scan scores 0 there (`evaluate.zero_unscored`)."""
     task_of_pair = [p[0] for p in spec.pairs]
-    index = [0 if method == "clip" else list(anatomies).index(a) for a in spec.anatomies]
+    index = [0 if method == "clip" and scored is None else list(anatomies).index(a) for a in spec.anatomies]
     mean = evaluate.mean_prompts(pair_emb, task_of_pair, len(spec.names))
-    per_pair = evaluate.task_scores(img_emb, pair_emb, [index[t] for t in task_of_pair], temperature)
-    return evaluate.task_scores(img_emb, mean, index, temperature), per_pair
+    pair_index = [index[t] for t in task_of_pair]
+    scores = evaluate.task_scores(img_emb, mean, index, temperature)
+    per_pair = evaluate.task_scores(img_emb, pair_emb, pair_index, temperature)
+    if scored is not None:
+        scores, per_pair = evaluate.zero_unscored(scores, scored, index), evaluate.zero_unscored(per_pair, scored,
+                                                                                                  pair_index)
+    return scores, per_pair
 
 
 def retrieval(img_emb: np.ndarray, txt_emb: np.ndarray, has_text: np.ndarray | None,
@@ -174,7 +196,9 @@ def evaluate_method(cfg: ml_collections.ConfigDict, method: str, workdir: str, s
     pair_emb, temp = prompt_enc(tokens), float(model.temp())
     test_data = valid_data if test == valid else score_split(image_enc, pair_emb, temp, batches(test), cfg, spec,
                                                              anatomies, method, f"encode {method} {test}")
-    if method == "clip":
+    if cfg.eval.protocol == "public":  # eval.py has no retrieval, and its windows embed one anatomy each
+        test_data["retrieval"] = {}
+    elif method == "clip":
         txt = evaluate.text_embeddings(model, test_data["report_tokens"], batch_size=cfg.eval.batch_size)
         test_data["retrieval"] = retrieval(test_data["emb"], txt, None, anatomies)
     else:
@@ -186,9 +210,15 @@ def evaluate_method(cfg: ml_collections.ConfigDict, method: str, workdir: str, s
 
 
 def score_split(image_enc, pair_emb, temperature, batches, cfg, spec, anatomies, method, desc) -> dict:
-    enc = counted(evaluate.encode_images(image_enc, batches, ahead=cfg.data.prefetch_to_device, desc=desc),
-                  cfg.eval.count)
-    enc["scores"], enc["pair_scores"] = pair_scores(enc["emb"], pair_emb, spec, anatomies, method, temperature)
+    if cfg.eval.protocol == "public":
+        task_anatomies = sorted({list(anatomies).index(a) for a in spec.anatomies})
+        encoded = evaluate.encode_public(image_enc, batches, task_anatomies, len(anatomies), cfg.eval.public_crop_zyx,
+                                         cfg.model.vision.patch_zyx, global_pool=method == "clip", desc=desc)
+    else:
+        encoded = evaluate.encode_images(image_enc, batches, ahead=cfg.data.prefetch_to_device, desc=desc)
+    enc = counted(encoded, cfg.eval.count)
+    enc["scores"], enc["pair_scores"] = pair_scores(enc["emb"], pair_emb, spec, anatomies, method, temperature,
+                                                    enc.get("scored"))
     enc["targets"] = enc["targets"][:, spec.columns]
     return enc
 
@@ -207,6 +237,7 @@ def method_result(cfg: ml_collections.ConfigDict, spec: TaskSpec, run: dict,
     result["ci"] = {k: v for k, v in ci.items() if k != "mean_auc_draws"} | {"seed": cfg.eval.bootstrap_seed}
     result["split"], result["threshold_split"] = cfg.data.eval_split, cfg.data.threshold_split
     result["count"] = cfg.eval.count
+    result["protocol"] = cfg.eval.protocol
     result["num_records"] = test["num_records"]
     result["num_patients"] = len(set(test["patients"]))
     result["step"], result["selection"] = run["step"], run["selection"]
@@ -283,7 +314,11 @@ def markdown_report(results: dict) -> str:
         f"({r0['num_records']} records; counted per {r0['count']}). Thresholds from `{r0['threshold_split']}`. "
         f"Intervals: {int(100 * ci['level'])} % percentile bootstrap over patients, {ci['draws']} draws, "
         f"seed {ci['seed']}, the same draws for every task and method. Per-scan scores and labels: "
-        f"`scores_<method>_<split>.csv`.", "",
+        f"`scores_<method>_<split>.csv`.", ""]
+    if r0["protocol"] == "public":
+        lines += ["Protocol `public` (fVLM's eval.py): one window per anatomy around it, its prompts, one pair per "
+                  "task; a task whose anatomy the scan lacks scores 0; no retrieval (docs/evaluation.md).", ""]
+    lines += [
         "## Checkpoints", "",
         "| method | candidates (valid macro AUC) | chosen |", "| --- | --- | --- |"]
     for m in methods:

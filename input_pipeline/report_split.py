@@ -4,7 +4,10 @@ Rules (documented because they decide labels):
 - A sentence ends at ".", "!" or "?" followed by white space; a period inside a number ("1.5 cm"), after a
   known abbreviation followed by a lower-case word or a number ("approx. 2 cm", "e.g. a cyst") or after a list
   number ("1. ...") does not end a sentence, and list numbers are stripped.
-- A sentence belongs to every anatomy whose lexicon term it contains (whole words, case-insensitive).
+- A sentence belongs to every anatomy whose lexicon term it contains (whole words, case-insensitive; a hyphen
+  ends a word, so "pleural-pericardial" names both). Terms are matched longest first across anatomies, so
+  "pulmonary artery" (mediastinum) is not also "pulmonary" (lung), nor "lobe of the liver" "lobe", nor "main
+  bronchi" "bronchi". Window settings ("lung parenchyma window") name no anatomy.
 - Disease triggers are matched globally, longest match first, so "pericardial effusion" can never also count as
   "pleural effusion" and "coronary artery wall calcification" never as "arterial wall calcification".
   A trigger listed under several anatomies (e.g. "calcified plaques" for heart and aorta, "cyst" for liver and
@@ -12,7 +15,9 @@ Rules (documented because they decide labels):
 - Negation: a trigger preceded in its sentence by a negation cue ("no", "not", "without", "no evidence of",
   "negative for", "absence of", "free of", ...) is negated, unless a scope breaker ("but", "however",
   "although", "except", ";") lies between them; a trigger followed in its clause by a post-cue ("is not seen",
-  "has resolved", "is excluded", ...) is negated too.
+  "has resolved", "is excluded", ...) is negated too, and so is a trigger followed, with no verb of its own in
+  between, by "(was|were) not detected/observed/seen/identified/found/present" before a scope breaker (CT-RATE's
+  "Bilateral pleural effusion, pneumothorax were not detected").
 - Hedges count as positive: "likely", "probable", "suggestive of", "consistent with", and also the uncertain
   "possible", "cannot be excluded", "may represent" (a radiologist raising a disease is treated as a
   positive mention, which favours sensitivity; "cannot be excluded" is matched before the negating "excluded").
@@ -27,6 +32,7 @@ adding one never changes the labels of another.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -43,47 +49,63 @@ class AnatomyText:
 
 
 DEFAULT_LEXICON: dict[str, tuple[str, ...]] = {
-    "lung": ("lung", "lungs", "pulmonary", "lobe", "lobes", "lobar", "pleural", "pleura", "parenchyma",
-             "hemithorax", "hemithoraces", "lingula", "bronchi", "bronchial", "emphysema", "emphysematous",
-             "atelectasis", "bronchiectasis", "consolidation", "pneumothorax", "pneumonia", "airspace"),
+    "lung": ("lung", "lungs", "pulmonary", "lobe", "lobes", "lobar", "pleural", "pleura", "hemithorax",
+             "hemithoraces", "lingula", "lingular", "bronchi", "bronchial", "emphysema", "emphysematous",
+             "atelectasis", "bronchiectasis", "consolidation", "pneumothorax", "pneumonia", "pneumonias", "pneumonic",
+             "airspace", "bronchitis", "bronchiolitis", "ground glass", "ground-glass", "fissure", "fissures",
+             "subpleural", "interlobular", "interseptal", "septal", "peribronchial", "apical", "apicoposterior",
+             "anterobasal", "laterobasal", "mediobasal", "posterobasal"),
     "heart": ("heart", "cardiac", "pericardial", "pericardium", "coronary", "cardiomegaly", "myocardium",
-              "ventricle", "atrium"),
+              "ventricle", "atrium", "cardiothoracic", "CTO", "aortic valve", "mitral valve"),
     "esophagus": ("esophagus", "esophageal", "oesophagus", "oesophageal", "hiatal", "hiatus",
                   "gastroesophageal"),
-    "aorta": ("aorta", "aortic"),
-    "liver": ("liver", "hepatic", "hepatosteatosis", "steatosis"),
+    "aorta": ("aorta", "aortic", "main vascular structures", "major vascular structures",
+              "mediastinal vascular structures", "great vessels"),
+    "liver": ("liver", "hepatic", "hepatosteatosis", "steatosis", "lobe of the liver", "caudate lobe"),
     "spleen": ("spleen", "splenic", "splenomegaly"),
     "kidney": ("kidney", "kidneys", "renal"),
     "mediastinum": ("mediastinum", "mediastinal", "hilar", "hila", "lymph node", "lymph nodes",
-                    "lymphadenopathy", "pacemaker", "sternotomy", "catheter", "port catheter"),
+                    "lymphadenopathy", "LAP", "pacemaker", "sternotomy", "catheter", "port catheter", "trachea",
+                    "tracheal", "main bronchi", "main bronchus", "pulmonary artery", "pulmonary arteries",
+                    "pulmonary arterial", "pulmonary trunk", "pulmonary embolism", "tube", "stent", "prosthesis",
+                    "prosthetic", "suture", "sutures"),
 }
 
 DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
     "lung": {
         "Emphysema": ("emphysema", "emphysematous", "bulla", "bullae", "bullous"),
         "Atelectasis": ("atelectasis", "atelectatic", "collapse"),
-        "Lung nodule": ("nodule", "nodules", "nodular opacity", "nodular opacities", "pulmonary mass", "lung mass"),
-        "Lung opacity": ("opacity", "opacities", "ground-glass", "ground glass", "infiltrate", "infiltrates"),
+        "Lung nodule": ("nodule", "nodules", "nodular opacity", "nodular opacities", "pulmonary mass", "lung mass",
+                        "nodular appearance", "nodular density", "nodular densities", "nodular lesion",
+                        "nodular lesions"),
+        "Lung opacity": ("opacity", "opacities", "ground-glass", "ground glass", "infiltrate", "infiltrates", "density",
+                         "densities"),
         "Pulmonary fibrotic sequela": ("fibrotic", "fibrosis", "fibrotic sequela", "fibrotic sequelae",
-                                       "scarring", "fibroatelectasis"),
-        "Pleural effusion": ("pleural effusion", "pleural effusions", "pleural fluid", "hydrothorax"),
+                                       "scarring", "fibroatelectasis", "fibroatelectatic", "sequela", "sequelae",
+                                       "pleuroparenchymal band", "pleuroparenchymal bands"),
+        "Pleural effusion": ("pleural effusion", "pleural effusions", "pleural fluid", "hydrothorax", "effusion",
+                             "effusions"),
         "Mosaic attenuation pattern": ("mosaic attenuation", "mosaic pattern", "mosaic perfusion"),
         "Peribronchial thickening": ("peribronchial thickening", "bronchial wall thickening",
-                                     "peribronchial cuffing"),
-        "Consolidation": ("consolidation", "consolidations", "consolidated", "pneumonia", "pneumonic"),
+                                     "peribronchial cuffing", "peribronchial sheath"),
+        "Consolidation": ("consolidation", "consolidations", "consolidated", "consolidative", "pneumonia",
+                          "pneumonic"),
         "Bronchiectasis": ("bronchiectasis", "bronchiectatic"),
         "Interlobular septal thickening": ("interlobular septal thickening", "septal thickening",
-                                           "thickened interlobular septa"),
+                                           "thickened interlobular septa", "interlobular septa",
+                                           "interlobular septal thickenings", "septal thickenings",
+                                           "interseptal thickening", "interseptal thickenings", "septal thickness"),
     },
     "heart": {
-        "Cardiomegaly": ("cardiomegaly", "enlarged", "enlargement", "increased in size"),
+        "Cardiomegaly": ("cardiomegaly", "enlarged", "enlargement", "increased in size", "larger than normal",
+                         "size increased", "size has increased"),
         "Pericardial effusion": ("pericardial effusion", "pericardial effusions", "pericardial fluid",
-                                 "hemopericardium"),
+                                 "hemopericardium", "effusion", "effusions"),
         "Coronary artery wall calcification": (
             "coronary artery wall calcification", "coronary artery calcification", "coronary artery calcifications",
             "coronary calcification", "coronary calcifications", "coronary atherosclerosis",
             "calcified plaque", "calcified plaques", "calcification", "calcifications", "atherosclerotic",
-            "atherosclerosis", "calcified"),
+            "atherosclerosis", "calcified", "calcific", "atheroma", "atheromatous", "plaque", "plaques"),
     },
     "esophagus": {
         "Hiatal hernia": ("hiatal hernia", "hiatus hernia", "hernia", "herniation"),
@@ -93,23 +115,24 @@ DEFAULT_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
             "arterial wall calcification", "aortic calcification", "aortic wall calcification",
             "wall calcification", "mural calcification", "mural calcifications", "calcified plaque",
             "calcified plaques", "calcification", "calcifications", "atherosclerotic", "atherosclerosis",
-            "calcified"),
+            "calcified", "calcific", "atheroma", "atheromatous", "plaque", "plaques"),
     },
     "liver": {
         "Liver lesion": ("lesion", "lesions", "cyst", "cysts", "mass", "metastasis", "metastases", "hemangioma"),
         "Hepatic steatosis": ("steatosis", "hepatosteatosis", "fatty liver", "fatty infiltration", "fatty change"),
     },
     "spleen": {
-        "Splenomegaly": ("splenomegaly", "enlarged", "enlargement", "increased in size"),
+        "Splenomegaly": ("splenomegaly", "enlarged", "enlargement", "increased in size", "larger than normal",
+                         "size increased", "size has increased"),
     },
     "kidney": {
         "Renal cyst": ("cyst", "cysts", "renal cyst", "renal cysts"),
     },
     "mediastinum": {
         "Lymphadenopathy": ("lymphadenopathy", "enlarged lymph node", "enlarged lymph nodes",
-                            "pathologically enlarged", "lymph node enlargement"),
+                            "pathologically enlarged", "lymph node enlargement", "LAP"),
         "Medical material": ("pacemaker", "catheter", "stent", "sternotomy", "prosthesis", "port catheter",
-                             "surgical clips", "cerclage wires"),
+                             "surgical clips", "cerclage wires", "tube", "prosthetic", "suture", "sutures"),
     },
 }
 
@@ -199,6 +222,15 @@ _NEG_PRE = ("no evidence of", "no signs of", "no sign of", "negative for", "abse
 _NEG_POST = ("is not seen", "are not seen", "is not identified", "are not identified", "not present", "is absent",
              "are absent", "has resolved", "have resolved", "is excluded", "are excluded", "is ruled out",
              "are ruled out")
+# "X was not detected", "X, Y were not observed": a post-cue negates a trigger before it when no verb of its own
+# lies between them (the trigger is then one of the cue's subjects, a comma-separated list included).
+_NEG_POST_LIST = re.compile(r"\b(?:(?:is|are|was|were)\s+)?not\s+(?:detected|observed|seen|identified|found|present)\b",
+                            re.IGNORECASE)
+_VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|shows?|showed|observed|seen|detected|noted|identified|found|"
+                   r"present)\b", re.IGNORECASE)
+# Window settings name an anatomy without describing it ("When examined in the lung parenchyma window; ...").
+_TECHNIQUE = re.compile(r"\b(?:lung\s+)?parenchym(?:a|al)\s+windows?\b|\b(?:lung|mediastinal)\s+windows?\b",
+                        re.IGNORECASE)
 _UNCERTAIN = ("cannot be excluded", "can not be excluded", "cannot be ruled out", "not excluded",
               "not ruled out", "not be excluded")
 _BREAKERS = re.compile(r"\b(?:but|however|although|though|except|whereas|while)\b|;", re.IGNORECASE)
@@ -233,28 +265,37 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def _phrase_regex(phrase: str) -> str:
+def _phrase_regex(phrase: str, hyphen_bound: bool = False) -> str:
+    """A phrase as whole words. hyphen_bound: a hyphen ends a word too ("pleural-pericardial" holds "pleural"),
+    else a hyphenated compound is one word ("non-calcified" does not hold "calcified")."""
     words = [re.escape(w) for w in phrase.split()]
-    return r"(?<![\w-])" + r"\s+".join(words) + r"(?![\w-])"
+    edge = r"\w" if hyphen_bound else r"[\w-]"
+    return rf"(?<!{edge})" + r"\s+".join(words) + rf"(?!{edge})"
 
 
-def _find_all(sentence: str, phrases: Sequence[str]) -> list[tuple[int, int]]:
+@functools.cache
+def _compiled(phrase: str, hyphen_bound: bool = False) -> re.Pattern:
+    # Compiled once: a vocabulary holds more phrases than the re module's own cache.
+    return re.compile(_phrase_regex(phrase, hyphen_bound), re.IGNORECASE)
+
+
+def _find_all(sentence: str, phrases: Sequence[str], hyphen_bound: bool = False) -> list[tuple[int, int]]:
     spans = []
     for p in phrases:
-        spans += [(m.start(), m.end()) for m in re.finditer(_phrase_regex(p), sentence, re.IGNORECASE)]
+        spans += [(m.start(), m.end()) for m in _compiled(p, hyphen_bound).finditer(sentence)]
     return spans
 
 
-def _trigger_matches(sentence: str, vocabulary) -> list[tuple[int, int, list[tuple[str, str]]]]:
-    """Non-overlapping trigger spans, longest first, each with the (anatomy, disease) pairs it can mean."""
-    owners: dict[str, list[tuple[str, str]]] = {}
-    for anatomy, diseases in vocabulary.items():
-        for disease, phrases in diseases.items():
-            for p in phrases:
-                owners.setdefault(p.lower(), []).append((anatomy, disease))
+def _longest_matches(sentence: str, owners: Mapping[str, list], hyphen_bound: bool
+                     ) -> list[tuple[int, int, list]]:
+    """Non-overlapping spans of the phrases of `owners` (phrase -> its owners), longest first, each with its
+    owners."""
     candidates = []
+    lower = sentence.lower()
     for phrase, owner in owners.items():
-        for s, e in _find_all(sentence, [phrase]):
+        if phrase.split()[0].lower() not in lower:  # a cheap test first: most phrases are absent
+            continue
+        for s, e in _find_all(sentence, [phrase], hyphen_bound):
             candidates.append((s, e, owner))
     candidates.sort(key=lambda c: (-(c[1] - c[0]), c[0]))
     taken = [False] * len(sentence)
@@ -266,28 +307,48 @@ def _trigger_matches(sentence: str, vocabulary) -> list[tuple[int, int, list[tup
     return sorted(chosen)
 
 
+def _trigger_matches(sentence: str, vocabulary) -> list[tuple[int, int, list[tuple[str, str]]]]:
+    """Non-overlapping trigger spans, longest first, each with the (anatomy, disease) pairs it can mean."""
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for anatomy, diseases in vocabulary.items():
+        for disease, phrases in diseases.items():
+            for p in phrases:
+                owners.setdefault(p.lower(), []).append((anatomy, disease))
+    return _longest_matches(sentence, owners, hyphen_bound=False)
+
+
 def _negated(sentence: str, start: int, end: int) -> bool:
     lower = sentence.lower()
     after = lower[end:]
     clause_end = _CLAUSE.search(after)
     post = after[:clause_end.start()] if clause_end else after
-    if any(re.search(_phrase_regex(u), post) for u in _UNCERTAIN):
+    if any(_compiled(u).search(post) for u in _UNCERTAIN):
         return False
-    if any(re.search(_phrase_regex(c), post) for c in _NEG_POST):
+    if any(_compiled(c).search(post) for c in _NEG_POST):
+        return True
+    breaker = _BREAKERS.search(after)
+    cue = _NEG_POST_LIST.search(after[:breaker.start()] if breaker else after)
+    if cue and not _VERB.search(after[:cue.start()]):
         return True
     before = lower[:start]
     breakers = list(_BREAKERS.finditer(before))
     scope = before[breakers[-1].end():] if breakers else before
-    return any(re.search(_phrase_regex(c), scope) for c in _NEG_PRE)
+    return any(_compiled(c).search(scope) for c in _NEG_PRE)
 
 
 def _mentions(sentence: str, lexicon) -> dict[str, list[int]]:
-    """Anatomy -> character positions where one of its lexicon terms occurs."""
-    found = {}
+    """Anatomy -> character positions where one of its lexicon terms occurs. Terms are matched longest first
+    across anatomies ("pulmonary artery" is not "pulmonary", "lobe of the liver" not "lobe"), a hyphen ends a word,
+    and window settings ("lung parenchyma window") are skipped."""
+    masked = _TECHNIQUE.sub(lambda m: " " * len(m.group()), sentence)
+    owners: dict[str, list[str]] = {}
     for anatomy, words in lexicon.items():
-        spans = _find_all(sentence, words)
-        if spans:
-            found[anatomy] = sorted(s for s, _ in spans)
+        for w in words:
+            owners.setdefault(w.lower(), []).append(anatomy)
+    found: dict[str, list[int]] = {}
+    for start, _, anatomies in _longest_matches(masked, owners, hyphen_bound=True):
+        for anatomy in anatomies:
+            found.setdefault(anatomy, []).append(start)
     return found
 
 

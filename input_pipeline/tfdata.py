@@ -376,7 +376,8 @@ def train_batches(records_dir: str, split: str, *, batch_size: int, size_zyx, fl
 
 def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> tf.data.Dataset:
     """The batches of `eval_batches` as a tf.data.Dataset (all TF ops: nothing to hang on at teardown). Raises
-    ValueError naming the split when it was not prepared or holds no scan."""
+    ValueError naming the split when it was not prepared or holds no scan. size_zyx=None: each scan's whole stored
+    volume, uncropped (batch_size 1: the shapes differ), label_shift 0."""
     info = records.load_builder(records_dir).info
     if split not in info.splits:
         raise ValueError(f"split {split!r} was not prepared in {records_dir} (it has {sorted(info.splits)}): "
@@ -386,12 +387,17 @@ def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
                          "(see rejects.jsonl there); choose a split with scans for data.threshold_split and "
                          "data.eval_split")
     spec = info.features
-    size_zyx = [int(s) for s in size_zyx]
+    if size_zyx is None and batch_size != 1:
+        raise ValueError(f"whole volumes (size_zyx=None) come one per batch, not {batch_size}")
+    size_zyx = None if size_zyx is None else [int(s) for s in size_zyx]
     k = records_packing_factor(spec)
 
     def decode(serialized):
         ex = spec.deserialize_example(serialized)
-        image, labels_packed, shift = center_window(ex["image"], ex["labels_packed"], k, size_zyx)
+        if size_zyx is None:
+            image, labels_packed, shift = ex["image"], ex["labels_packed"], tf.constant(0, tf.int32)
+        else:
+            image, labels_packed, shift = center_window(ex["image"], ex["labels_packed"], k, size_zyx)
         return {"image": image, "labels_packed": labels_packed, "label_shift": shift,
                 "targets": ex["targets"], "id": ex["id"], "text_tokens": ex["text_tokens"],
                 "has_text": ex["has_text"], "report_tokens": ex["report_tokens"]}
@@ -401,7 +407,8 @@ def eval_dataset(records_dir: str, split: str, *, batch_size: int, size_zyx) -> 
 
 
 def eval_batches(records_dir: str, split: str, *, batch_size: int, size_zyx) -> Iterator[dict]:
-    """One pass over `split`, centre-cropped to `size_zyx`; the last batch is padded, with `mask` marking real rows.
+    """One pass over `split`, centre-cropped to `size_zyx` (None: whole volumes, one per batch, for the public
+    evaluation protocol's per-anatomy crops); the last batch is padded, with `mask` marking real rows.
 
     Yields numpy dicts with image uint8 [B, Z, Y, X], labels_packed uint8 [B, Z, Y, W] and label_shift [B] (see
     `center_window`; `fvlm_jax.evaluate.encode_images` takes them as they are), targets [B, C], id and mask, and

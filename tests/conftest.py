@@ -136,3 +136,9 @@ def tiny_export(tmp_path_factory):
     cfg = tiny_config()
     return Path(export.export(train_state.create_model(cfg, "fvlm"), "fvlm", cfg, str(tmp / "tok.model"),
                               CLASS_TABLES["total"], str(tmp / "export" / "fvlm")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (in their files' order): pytest-xdist hands out tests in order, so the long ones start
+    early and the short ones fill the workers' last minutes, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

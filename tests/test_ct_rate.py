@@ -1,5 +1,6 @@
 """CT-RATE exactly as downloaded: tables inside dataset/, the corrected dataset/<split>_fixed/ volumes, the metadata
-rescale applied once, report placeholders, and `configs/ct_rate.py:runlocal` end to end on a fabricated copy.
+rescale applied once, report placeholders, and `configs/ct_rate.py:runlocal` end to end (prepare to predict) on a
+fabricated copy.
 
 The fabricated copies use the download's file and column names (../shared/FVLM_REFERENCE.md, "Data"): tiny noisy
 phantoms with TotalSegmentator v2 multi-label files."""
@@ -215,7 +216,7 @@ def test_looks_like_hu_on_the_real_ct(shared_data):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# configs/ct_rate.py:runlocal, prepare + train + eval + export in one CLI process
+# configs/ct_rate.py:runlocal, prepare + train + eval + export in one CLI process, then predict
 # -------------------------------------------------------------------------------------------------------------
 # The smallest sizes that run (as configs/demo.py:tiny shrinks the demo): 2 steps of 4 scans, width 32, short texts,
 # 2 record files per split, one worker. model.text.anatomy_len stays "p99", read from records/stats.json.
@@ -248,3 +249,29 @@ def test_ct_rate_runlocal_end_to_end(tmp_path):
     assert set(summary) == {"fvlm"} and len(summary["fvlm"]["per_task"]) == 16
     assert (workdir / "export" / "fvlm" / "model.json").exists(), sorted(p.name for p in workdir.iterdir())
     assert "tokens per anatomy text (model.text.anatomy_len='p99'" in res.stderr
+
+    # predict (in-process: the same code as --mode=predict) on the valid scans as a user has them (the corrected
+    # volumes and TotalSegmentator's files), listed in a manifest: each task's probability is the score evaluation
+    # gave the same scan from its record (the export is the step evaluation scored: eval.checkpoints="latest").
+    from fvlm_jax import predict
+
+    rows = [{"id": p.name.removesuffix(".nii.gz"), "image": str(p),
+             "segmentation": str(raw / "segmentations" / "valid" / p.name)}
+            for p in sorted((raw / "dataset" / "valid_fixed").glob("*/*/*.nii.gz"))]
+    (tmp_path / "scans.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = predict.predict(str(workdir / "export" / "fvlm"), str(tmp_path / "scans.jsonl"), None,
+                          str(tmp_path / "pred"), batch_size=2, workers=1, progress=False)
+    assert out["errors"] == [] and sorted(out["written"]) == [r["id"] for r in rows]
+    with open(workdir / "eval" / "scores_fvlm_valid.csv") as f:
+        scores = {r["id"]: r for r in csv.DictReader(f)}
+    compared = 0
+    for r in rows:
+        result = json.loads((tmp_path / "pred" / f"{r['id']}.json").read_text())
+        # The phantom's lungs, esophagus and aorta run through its first and last slice: only the heart is whole.
+        assert {a: v["status"] for a, v in result["anatomies"].items()} == {
+            "lung": predict.CUT_BY_SCAN, "heart": predict.SCORED, "esophagus": predict.CUT_BY_SCAN,
+            "aorta": predict.CUT_BY_SCAN}
+        for task, prob in result["tasks"].items():
+            assert prob == pytest.approx(float(scores[r["id"]][f"score:{task}"]), abs=1e-4), (r["id"], task)
+            compared += 1
+    assert compared == 4 * 3, compared  # the heart's 3 tasks in each of the 4 scans

@@ -21,7 +21,7 @@ from fvlm_jax import sharding, train_state
 from fvlm_jax.models.fvlm import METHODS
 
 SCRIPT = textwrap.dedent("""
-    import json, tempfile
+    import json, sys, tempfile
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
@@ -111,18 +111,33 @@ SCRIPT = textwrap.dedent("""
     for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(four.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(four.state["params"]["pool"]["q"]["kernel"].sharding.device_set) == 4
+    # Exported from the 2x2x2 mesh (FSDP and tensor axes split the weights); the test loads it on one device.
+    from flax import nnx
+    from fvlm_jax import export
+    from input_pipeline import demo_data
+    from input_pipeline.tokenizer import train_tokenizer
+    from input_pipeline.totalseg_classes import CLASS_TABLES
+    out_dir = sys.argv[1]
+    case = demo_data.generate_case(np.random.default_rng(0))
+    train_tokenizer([case["findings"], case["impression"]] * 10, out_dir + "/tok.model", 64)
+    params = nnx.state(two.model(), nnx.Param)
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(params)) == 8
+    export.export(two.model(), "fvlm", cfg, out_dir + "/tok.model", CLASS_TABLES[cfg.prep.class_table],
+                  out_dir + "/export")
+    np.savez(out_dir + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
     print("RESULT", json.dumps({"losses": out, "specs": specs}))
 """)
 
 
 @pytest.fixture(scope="module")
-def eight_device_run():
+def eight_device_run(tmp_path_factory):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = tmp_path_factory.mktemp("eight_devices")
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.split("RESULT", 1)[1])
+    return {**json.loads(res.stdout.split("RESULT", 1)[1]), "out": out}
 
 
 @pytest.mark.slow
@@ -224,44 +239,18 @@ def test_cpu_attention_keeps_heads_sharded_over_the_mesh_in_one_group():
                 assert groups() == want, shape
 
 
-EXPORT_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax
-    jax.config.update("jax_num_cpu_devices", 8)
-    import numpy as np
-    from flax import nnx
-    from configs import demo
-    from fvlm_jax import export, sharding, train
-    from input_pipeline.totalseg_classes import CLASS_TABLES
-
-    tokenizer, out = sys.argv[1], sys.argv[2]
-    cfg = demo.get_config()
-    cfg.model.vision.width = cfg.model.text.width = cfg.model.embed_dim = 32
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-    model = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg)).model()
-    params = nnx.state(model, nnx.Param)
-    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(params)) == 8
-    export.export(model, "fvlm", cfg, tokenizer, CLASS_TABLES[cfg.prep.class_table], out + "/export")
-    np.savez(out + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
-""")
-
-
 @pytest.mark.slow
-def test_export_from_a_mesh_loads_on_one_device(prepared_demo, tmp_path):
+@pytest.mark.xdist_group("eight_device_run")  # one worker runs the module fixture once
+def test_export_from_a_mesh_loads_on_one_device(eight_device_run):
     """A model trained on 8 devices (FSDP and tensor axes split its weights) is exported, then loaded by a
     process with one device, as on a workstation: the same weights, on that device."""
     from fvlm_jax.export import Predictor
 
-    with open(prepared_demo / "records" / "manifest.json") as f:
-        tokenizer = str(prepared_demo / "records" / json.load(f)["tokenizer"])
-    res = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, tokenizer, str(tmp_path)],
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = eight_device_run["out"]
     assert jax.device_count() == 1
-    pred = Predictor(str(tmp_path / "export"))
+    pred = Predictor(str(out / "export"))
     got = jax.tree.leaves(nnx.state(pred.model, nnx.Param))
-    want = np.load(tmp_path / "params.npz")
+    want = np.load(out / "params.npz")
     assert len(got) == len(want.files)
     for i, x in enumerate(got):
         assert x.sharding.device_set == {jax.devices()[0]}

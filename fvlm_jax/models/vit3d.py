@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fvlm_jax.models.transformer import Block, block_runner, dense, layer_norm
@@ -28,6 +29,35 @@ def stem_strides(patch_zyx, num_stages: int) -> list[tuple[int, int, int]]:
         left = [p // q for p, q in zip(left, s)]
         out.append(s)
     return [*out, tuple(left)]
+
+
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of 1-D linear interpolation as PyTorch's `F.interpolate(..., size=n_out,
+    align_corners=False)` computes it: output i samples the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped
+    below at 0; it takes (1 - f) of input floor(src) and f = src - floor(src) of the next one (the last input
+    again at the far edge). No antialiasing when shrinking, as in PyTorch."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    w = np.zeros((n_out, n_in))
+    np.add.at(w, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(n_out), hi), frac)
+    return w
+
+
+def resize_pos_embed(pos, grid_in, grid_out):
+    """Position embeddings pos [gz * gy * gx, D] (raster order z, y, x) of the token grid `grid_in` resized to the
+    grid `grid_out` -> [gz' * gy' * gx', D]: trilinear, align_corners=False, as fVLM's public patch embedding does
+    at other input sizes (`F.interpolate(mode="trilinear", align_corners=False)`, patchembedding.py:145-152).
+    Trilinear interpolation is the product of a linear one along each axis, so it is three small matrices
+    (`linear_resize_matrix`, built on the host: the grids are static)."""
+    if tuple(grid_in) == tuple(grid_out):
+        return pos
+    wz, wy, wx = (jnp.asarray(linear_resize_matrix(a, b), jnp.float32) for a, b in zip(grid_in, grid_out))
+    grid = pos.reshape(*grid_in, pos.shape[-1]).astype(jnp.float32)
+    out = jnp.einsum("az,by,cx,zyxd->abcd", wz, wy, wx, grid, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(-1, pos.shape[-1]).astype(pos.dtype)
 
 
 class ConvStem(nnx.Module):
@@ -60,7 +90,9 @@ class ViT3D(nnx.Module):
 
     Tokens are in raster order (z, y, x) of the patch grid, as `patchify` and `anatomy.token_membership`.
     Returns the token outputs of the blocks listed in `feature_blocks` (1-based) plus the final LayerNorm output,
-    stacked as [L, B, N, D]: fVLM pools anatomies over all these levels together.
+    stacked as [L, B, N, D]: fVLM pools anatomies over all these levels together. A volume of another size than
+    `input_zyx` (each side a multiple of the patch) gets the position embeddings resized to its token grid
+    (`resize_pos_embed`; the public evaluation's per-anatomy crops).
     """
 
     def __init__(self, *, input_zyx: Sequence[int], patch_zyx: Sequence[int], width: int, depth: int, heads: int,
@@ -83,8 +115,11 @@ class ViT3D(nnx.Module):
 
     def __call__(self, volume):
         """volume: [B, Z, Y, X] float in [0, 1]. Returns [L, B, N, D] multi-level token features."""
+        if any(n % p for n, p in zip(volume.shape[1:], self.patch_zyx)):
+            raise ValueError(f"volume {volume.shape[1:]} is not a multiple of the patch {self.patch_zyx}")
+        grid = tuple(n // p for n, p in zip(volume.shape[1:], self.patch_zyx))
         x = self.stem(constrain(volume, "batch", None, None, None))
-        x = x + self.pos[...].astype(x.dtype)
+        x = x + resize_pos_embed(self.pos[...], self.grid_zyx, grid).astype(x.dtype)
         run = block_runner(self.remat, self.remat_policy)
         levels = []
         for i, block in enumerate(self.blocks, start=1):
