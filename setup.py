@@ -38,6 +38,13 @@ setup(
         # which TensorFlow 2.21 accepts). Its dask extra: the DaskRunner on a dask.distributed cluster (tested with
         # dask/distributed 2026.8; 3.2 MB of wheels).
         "beam": ["apache-beam[dask]>=2.70,<3"],
+        # Pretrained encoders (model.text.init, model.vision.init): BERT's WordPiece and .safetensors weights.
+        # Reading a PyTorch .pth / .bin also needs torch (CPU build). Tested with tokenizers 0.23.3, safetensors 0.8.0.
+        "pretrained": ["tokenizers>=0.20,<1", "safetensors>=0.4,<1"],
+        # tests/test_pretrained.py builds its checkpoints with these (skipped without torch). Take torch's CPU build
+        # (pip install torch --index-url https://download.pytorch.org/whl/cpu): PyPI's default is the CUDA one,
+        # several GB. Tested with torch 2.13.0+cpu, transformers 5.25.0.
+        "test_pretrained": ["torch>=2.4", "transformers>=4.40", "tokenizers>=0.20,<1", "safetensors>=0.4,<1"],
         # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "apache-beam[dask]>=2.70,<3",
                  "tensorboard>=2.18,<3"],

@@ -80,14 +80,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.input_zyx = (112, 256, 352)
     c.model.embed_dim = 256
     c.model.pool_heads = 4
-    c.model.vision = ml_collections.ConfigDict(dict(
+    c.model.vision.update(
         patch_zyx=(16, 16, 32), width=768, depth=12, heads=12, mlp_dim=3072, feature_blocks=(4, 7, 10),
-        stem_channels=()))
-    c.model.text = ml_collections.ConfigDict(dict(
-        vocab_size=c.prep.get_ref("vocab_size"), max_len=512, width=768, depth=12, heads=12, mlp_dim=3072,
+        stem_channels=())
+    c.model.text.update(
+        max_len=512, width=768, depth=12, heads=12, mlp_dim=3072,
         # Tokens per anatomy text: each anatomy's 99th percentile in records/stats.json, rounded up to a multiple
         # of 8, at most prep.text_len ("" = all at prep.text_len; or explicit, "lung=120,heart=64").
-        anatomy_len="p99"))
+        anatomy_len="p99")
+    # The paper's initialisation (docs/training.md, "Pretrained encoders"), from local copies of the public
+    # checkpoints; both are empty here (random initialisation) because nothing is downloaded:
+    # - image encoder: MAE's ImageNet ViT-B, mae_pretrain_vit_base.pth (facebookresearch/mae's release,
+    #   https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth):
+    #   --config.model.vision.init=/models/mae_pretrain_vit_base.pth
+    #   The 3D patch embedding starts fresh (model.vision.init_patch): the 16 x 16 x 32 patch has no 2D counterpart.
+    # - text encoder: CXR-BERT, microsoft/BiomedVLP-CXR-BERT-specialized (a Hugging Face folder; e.g.
+    #   `huggingface-cli download microsoft/BiomedVLP-CXR-BERT-specialized --local-dir /models/cxr-bert`):
+    #   --config.model.text.init=/models/cxr-bert
+    #   It sets the text encoder's sizes (BERT-base: the values above) and the WordPiece tokenizer of the records:
+    #   prepare with it set.
 
     c.model.dtype = "bfloat16"
     # No rematerialisation: on one H200 (bf16, cuDNN attention) 14 volumes per device need 12.7 GiB without it, and

@@ -139,9 +139,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pool_heads = 4
     c.model.vision = ml_collections.ConfigDict(dict(
         patch_zyx=(8, 8, 8), width=64, depth=2, heads=4, mlp_dim=256, feature_blocks=(1,),
-        stem_channels=(16, 32)))  # non-linear conv stem (see ViT3D); () = the paper's linear patch embedding
+        stem_channels=(16, 32),  # non-linear conv stem (see ViT3D); () = the paper's linear patch embedding
+        # A 2D ViT checkpoint to start from (fvlm_jax.pretrained, docs/training.md "Pretrained encoders"): MAE's
+        # PyTorch state dict (.pth) or a timm .safetensors file. Its blocks must match width/depth/mlp_dim (heads
+        # cannot be read from the file: ViT-B has 12). The 3D patch embedding is "fresh" (random, as the paper) or
+        # "inflate"d from the 2D one (needs stem_channels=() and the 2D patch size as (y, x) of patch_zyx).
+        init="", init_patch="fresh"))
     c.model.text = ml_collections.ConfigDict(dict(
         vocab_size=c.prep.get_ref("vocab_size"), max_len=256, width=64, depth=2, heads=4, mlp_dim=256,
+        # "pre_ln": this project's pre-LayerNorm encoder; "bert": Hugging Face BERT's (post-LN, token-type and
+        # embedding LayerNorm; the settings below are BERT-base's).
+        arch="pre_ln", bert=dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu"),
+        # A Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt): its weights
+        # start the text encoder, and arch, vocab_size, max_len, width, depth, heads, mlp_dim and bert come from its
+        # config.json (overriding the values here, logged); --mode=prepare then tokenises with its WordPiece.
+        init="",
         # Tokens per anatomy text: the 95th percentile of each anatomy's demo texts, rounded up to a multiple of 8,
         # as `python -m fvlm_jax.tools.text_lengths <workdir> p95` prints it from records/stats.json ("p95" here would
         # take it from there at train time; written out, the config also runs without prepared records). 352

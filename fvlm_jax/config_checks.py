@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from fvlm_jax import sharding, text_lengths
+from fvlm_jax import pretrained, sharding, text_lengths
 from fvlm_jax.models.fvlm import METHODS
 from fvlm_jax.models.transformer import ATTENTION_IMPLS
 from input_pipeline import report_split
@@ -136,5 +136,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         sharding.rules_dict(cfg.sharding.rules)
     except (ValueError, TypeError) as e:
         errors.append(f"sharding.rules: {e}")
+    errors += pretrained.config_errors(cfg)
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -3,7 +3,7 @@
 Folder layout:
   params/            Orbax checkpoint of the model parameters only (no optimizer state)
   model.json         format_version, method ("fvlm" or "clip") and the model config
-  tokenizer.model    sentencepiece model
+  tokenizer.model    sentencepiece model (tokenizer.json instead: a pretrained BERT's WordPiece)
   anatomies.json     anatomy names in model order and their TotalSegmentator classes (name -> id table included)
   preprocessing.json spacing, HU window, crop margin, minimum and model input sizes
   tasks.json         zero-shot tasks: anatomy, label, negative and positive prompt, and the task's further prompt
@@ -32,10 +32,11 @@ from fvlm_jax import portable
 from fvlm_jax.evaluate import image_encoder, mean_prompts, prompt_embeddings, task_scores
 from fvlm_jax.models.fvlm import FVLM
 from input_pipeline import preprocess
-from input_pipeline.tokenizer import Tokenizer
+from input_pipeline.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILES, WORDPIECE_FILE, load_tokenizer
 
 # Bumped whenever a reader of an older folder would misread it. 2: format_version recorded, portable/ added.
-FORMAT_VERSION = 2
+# 3: the text encoder's architecture in the model config (model.text.arch: a pretrained BERT's, or tokenizer.json).
+FORMAT_VERSION = 3
 
 
 def _write_json(path, obj):
@@ -64,7 +65,8 @@ def export(model: FVLM, method: str, cfg: ml_collections.ConfigDict, tokenizer_p
     needed = {c for classes in anatomies.values() for c in classes}
     _write_json(os.path.join(out_dir, "model.json"),
                 {"format_version": FORMAT_VERSION, "method": method, "model": cfg.model.to_dict()})
-    shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    shutil.copy(tokenizer_path, os.path.join(out_dir, WORDPIECE_FILE if tokenizer_path.endswith(".json")
+                                             else SENTENCEPIECE_FILE))
     _write_json(os.path.join(out_dir, "anatomies.json"), {
         "anatomies": anatomies, "class_table_version": p.class_table,
         "class_ids": {str(i): n for i, n in class_table.items() if n in needed}})
@@ -121,10 +123,12 @@ class Predictor:
         self.class_table = {int(i): n for i, n in anat["class_ids"].items()}
         self.prep = read_export_json(folder, "preprocessing.json")
         self.tasks = read_export_json(folder, "tasks.json")
-        for name in ("tokenizer.model", "params"):
-            if not os.path.exists(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{folder} is not a complete export folder: {name} is missing")
-        self.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.model"))
+        if not os.path.exists(os.path.join(folder, "params")):
+            raise FileNotFoundError(f"{folder} is not a complete export folder: params is missing")
+        tok = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(folder, n))]
+        if not tok:
+            raise FileNotFoundError(f"{folder} is not a complete export folder: tokenizer.model is missing")
+        self.tokenizer = load_tokenizer(os.path.join(folder, tok[0]))
         abstract = nnx.eval_shape(lambda: FVLM(self.model_cfg, len(self.anatomies),
                                                global_pool=self.method == "clip", rngs=nnx.Rngs(0)))
         graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -1,7 +1,8 @@
 """Where things live in a workdir, and reading what preparation left there. Standard library only.
 
   raw/        the generated demo data set (data.source = "demo")
-  records/    prepared TFRecords (tfds folder), tokenizer.model, manifest.json, stats.json, rejects.jsonl
+  records/    prepared TFRecords (tfds folder), tokenizer.model (or a BERT's tokenizer.json), manifest.json,
+              stats.json, rejects.jsonl
   train/      fVLM checkpoints/, metrics.jsonl and tensorboard/ (event files, with train.tensorboard)
   clip/train/ the whole-volume CLIP baseline, same layout
   eval/       <method>.json zero-shot results, scores_<method>_<split>.csv, report.md, roc.png, reliability.png,

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fvlm_jax import checkpoint, export, plots, sharding, text_lengths, train, zero_shot
+from fvlm_jax import checkpoint, export, plots, pretrained, sharding, text_lengths, train, zero_shot
 from fvlm_jax.layout import load_manifest, load_stats, read_json, records_dir, train_dir
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,12 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def prepared_config(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(cfg checked against the prepared records, with model.text.anatomy_len resolved; the manifest). Train, eval
-    and export all start here, so they agree on anatomies, vocabulary and text lengths."""
+    """(cfg checked against the prepared records, with model.text.anatomy_len resolved and model.text's sizes taken
+    from model.text.init's BERT; the manifest). Train, eval and export all start here, so they agree on anatomies,
+    vocabulary, tokenizer and text lengths."""
     manifest = load_manifest(workdir)
+    cfg = pretrained.resolve(cfg)
+    pretrained.check_records_tokenizer(cfg, manifest)
     if manifest["vocab_size"] > cfg.model.text.vocab_size:
         raise ValueError(f"the tokenizer has {manifest['vocab_size']} pieces but model.text.vocab_size is "
                          f"{cfg.model.text.vocab_size}")
@@ -84,11 +87,11 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Zero-shot evaluation of every method (fvlm_jax.zero_shot): checkpoint chosen on the valid split, the
     reported split scored with bootstrap intervals, retrieval; process 0 writes eval/ and summary.json."""
     from input_pipeline import tfdata
-    from input_pipeline.tokenizer import Tokenizer
+    from input_pipeline.tokenizer import load_tokenizer
 
     cfg, manifest = prepared_config(cfg, workdir)
     rdir = records_dir(workdir)
-    tok = Tokenizer(os.path.join(rdir, manifest["tokenizer"]))
+    tok = load_tokenizer(os.path.join(rdir, manifest["tokenizer"]))
 
     def batches(split):  # the public protocol crops each anatomy out of the whole stored volume
         if cfg.eval.protocol == "public":

@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fvlm_jax import sharding
+from fvlm_jax import pretrained, sharding
 from fvlm_jax.models.fvlm import FVLM, METHODS
 
 
@@ -67,10 +67,13 @@ def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.Gradi
 
 def init_state(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation, shardings) -> dict:
     """The initial training state, created inside `jax.jit` with `shardings` (so with fsdp > 1 it is never whole on
-    one device). Call it under `jax.set_mesh`."""
+    one device), with the pretrained encoder weights of model.vision.init / model.text.init put in
+    (`pretrained.load_encoders`; cfg resolved by `pretrained.resolve`). Call it under `jax.set_mesh`."""
+    loaded, _ = pretrained.load_encoders(cfg)
 
-    def init():
+    def init(loaded):
         params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
+        params = pretrained.merge(params, loaded)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=shardings)(loaded)

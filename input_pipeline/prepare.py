@@ -7,7 +7,8 @@ Run through `python run.py --config=... --mode=prepare`. Phases:
    scan's result (image, labels, presence, or the reason it was rejected) is cached atomically as
    `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and the input
    files' sizes and modification times. A rerun after an interruption recomputes only missing or stale entries.
-3. The tokenizer is trained on the training texts of the scans that survived (deterministic).
+3. The tokenizer is trained on the training texts of the scans that survived (deterministic), or is the WordPiece
+   of a pretrained BERT (model.text.init).
 4. Records are written in input order from the cache, each serialized deterministically, so a rerun produces
    byte-identical record files.
 
@@ -33,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from input_pipeline import ct_rate, label_packing, preprocess, report_split, sources
-from input_pipeline.tokenizer import Tokenizer, normalize, train_tokenizer
+from input_pipeline.tokenizer import make_tokenizer, normalize
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
 log = logging.getLogger(__name__)
@@ -343,15 +344,13 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     if strict and rejects:
         raise RuntimeError(f"data.strict: {len(rejects)} input(s) rejected; see {out_dir}/rejects.jsonl")
 
-    # 3. Tokenizer on the surviving training texts.
-    tok_path = os.path.join(out_dir, "tokenizer.model")
+    # 3. Tokenizer: sentencepiece on the surviving training texts, or the WordPiece of model.text.init's BERT.
     train_scans = scans[cfg.data.train_split]
     train_texts = [t.text for s in train_scans for t in texts[s.id].values()]
     train_texts += [f"{s.findings} {s.impression}" for s in train_scans]
     if not train_texts:
         raise RuntimeError(f"no usable training scans in {raw_root}; see {out_dir}/rejects.jsonl")
-    train_tokenizer(train_texts, tok_path, p.vocab_size)
-    tok = Tokenizer(tok_path)
+    tok, tok_file = make_tokenizer(cfg.model.text.init, train_texts, out_dir, p.vocab_size)
 
     # 4. Records, in input order, from the cache. TensorFlow is imported here, not at the top: every image worker
     # (spawned) imports this module, and importing TensorFlow took each of them 10-15 s.
@@ -432,7 +431,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     manifest = {
         "anatomies": anatomies, "diseases": diseases, "label_columns": columns,
         "splits": {i.name: i.num_examples for i in split_infos}, "rejected": len(rejects),
-        "tokenizer": "tokenizer.model", "vocab_size": tok.vocab_size, "prep": prep_kw | {"class_table": p.class_table},
+        "tokenizer": tok_file, "tokenizer_identity": tok.identity(), "vocab_size": tok.vocab_size,
+        "prep": prep_kw | {"class_table": p.class_table},
         "text_len": p.text_len, "report_len": p.report_len,
     }
     with open(os.path.join(out_dir, "stats.json"), "w") as f:

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from fvlm_jax import anatomy, text_lengths
-from fvlm_jax.models.text import TextEncoder, truncate_tokens
+from fvlm_jax.models.text import text_encoder, truncate_tokens
 from fvlm_jax.models.transformer import dense, layer_norm
 from fvlm_jax.models.vit3d import ViT3D
 from fvlm_jax.sharding import constrain, logical
@@ -79,8 +79,7 @@ class FVLM(nnx.Module):
         self.pool = AnatomyPool(nq, v.width, cfg.pool_heads, rngs=rngs, dtype=dtype)
         self.img_proj = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (nq, v.width, cfg.embed_dim)),
                                   **logical("anatomy", "embed", "proj"))
-        self.text = TextEncoder(vocab_size=t.vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
-                                heads=t.heads, mlp_dim=t.mlp_dim, rngs=rngs, dtype=dtype, **remat)
+        self.text = text_encoder(t, rngs=rngs, dtype=dtype, **remat)
         self.txt_proj = dense(t.width, cfg.embed_dim, ("embed", "proj"), rngs=rngs)
         self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32), **logical())
         self.temp_range = (cfg.temperature.min, cfg.temperature.max)
