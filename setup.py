@@ -45,8 +45,10 @@ setup(
         # (pip install torch --index-url https://download.pytorch.org/whl/cpu): PyPI's default is the CUDA one,
         # several GB. Tested with torch 2.13.0+cpu, transformers 5.25.0.
         "test_pretrained": ["torch>=2.4", "transformers>=4.40", "tokenizers>=0.20,<1", "safetensors>=0.4,<1"],
-        # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files.
+        # tensorboard: only its event reader, to check what TensorBoard shows of resumed runs' event files. The
+        # test_pretrained packages: CI runs tests/test_pretrained.py (a CPU build of torch must be installed first).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "apache-beam[dask]>=2.70,<3",
-                 "tensorboard>=2.18,<3"],
+                 "tensorboard>=2.18,<3", "torch>=2.4", "transformers>=4.40", "tokenizers>=0.20,<1",
+                 "safetensors>=0.4,<1"],
     },
 )
