@@ -48,7 +48,7 @@ def main(argv):
     # Libraries (Orbax, tfds) log every file they touch at INFO through absl; keep the console for our progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").addFilter(lambda r: "FeatureConnector.dtype" not in r.getMessage())  # tfds-internal
-    for name in ("fvlm_jax", "input_pipeline", "__main__"):
+    for name in ("fvlm_jax", "input_pipeline", "configs", "__main__"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         run(_MODE.value)

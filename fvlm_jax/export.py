@@ -35,7 +35,8 @@ from input_pipeline import preprocess
 from input_pipeline.tokenizer import Tokenizer
 
 # Bumped whenever a reader of an older folder would misread it. 2: format_version recorded, portable/ added.
-FORMAT_VERSION = 2
+# 3: the model config has model.gelu, model.dropout and model.temperature.mode (the recipe's switches).
+FORMAT_VERSION = 3
 
 
 def _write_json(path, obj):

@@ -14,7 +14,7 @@ from flax import nnx
 from configs import ct_rate, demo, recipes
 from fvlm_jax import losses, synthetic, train_state, train_step
 from fvlm_jax.models import fvlm, transformer
-from fvlm_jax.models.fvlm import FVLM
+from fvlm_jax.models.fvlm import FVLM, AnatomyPool
 from input_pipeline import captions, prepare, report_split
 
 ORGANS = ["lung", "heart", "esophagus", "aorta"]
@@ -196,26 +196,41 @@ def small_model_config(recipe):
 
 def test_reference_model_switches_and_dropout_only_in_training():
     cfg = small_model_config("reference")
-    model = FVLM(cfg.model, len(cfg.prep.anatomies), rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: FVLM(cfg.model, len(cfg.prep.anatomies), rngs=nnx.Rngs(0)))  # no weights
     blocks = [m for _, m in model.iter_modules() if isinstance(m, transformer.Block)]
     assert blocks and all(b.gelu == "erf" for b in blocks)
     assert all(d.rate == 0.1 for _, d in model.vision.iter_modules() if isinstance(d, nnx.Dropout))
     assert model.pool.drop.rate == 0.1
     assert all(d.rate == 0.0 for _, d in model.text.iter_modules() if isinstance(d, nnx.Dropout))
-    graphdef, params = nnx.split(model, nnx.Param)
-    batch = synthetic.random_batch(cfg, 2, seed=0)
-    image = jnp.asarray(batch["image"], jnp.float32) / 255.0
+
+    # A block and the pooling as the reference model has them: dropout only once train_dropout turns it on. Built
+    # and run in one jitted function (built eagerly, their initialisers alone took seconds).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+    levels = jnp.asarray(rng.normal(size=(2, 2, 6, 16)), jnp.float32)
+    member = jnp.asarray(rng.random((2, 3, 6)) < 0.5)
 
     @jax.jit
-    def image_emb(dropout_key):
-        return train_step.training_model(graphdef, params, dropout_key).encode_image(image, batch["labels"])[0]
+    def outputs(x, levels, member):
+        out = []
+        for module, args in ((transformer.Block(16, 2, 32, rngs=nnx.Rngs(0)), (x,)),
+                             (AnatomyPool(3, 16, 2, rngs=nnx.Rngs(0)), (levels, member))):
+            graphdef, state = nnx.split(module)
 
-    evaluated = np.asarray(image_emb(None))
-    np.testing.assert_array_equal(evaluated, np.asarray(image_emb(None)))  # evaluation: deterministic
-    k1, k2 = jax.random.key(1), jax.random.key(2)
-    trained = np.asarray(image_emb(k1))
-    np.testing.assert_array_equal(trained, np.asarray(image_emb(k1)))  # a key decides the masks
-    assert np.abs(trained - evaluated).max() > 1e-3 and np.abs(trained - np.asarray(image_emb(k2))).max() > 1e-3
+            def run(key=None, rate=0.1, graphdef=graphdef, state=state, args=args):
+                m = nnx.merge(graphdef, state)
+                transformer.configure_blocks(m, dropout=rate)
+                if key is not None:
+                    transformer.train_dropout(m, key)
+                return m(*args)
+
+            out.append((run(), run(rate=0.0), run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))))
+        return out
+
+    for evaluated, without, trained, again, other in jax.tree.map(np.asarray, outputs(x, levels, member)):
+        np.testing.assert_array_equal(evaluated, without)  # evaluation: as if there were no dropout
+        np.testing.assert_array_equal(trained, again)  # a key decides the masks
+        assert np.abs(trained - evaluated).max() > 1e-3 and np.abs(trained - other).max() > 1e-3
 
 
 class AddOne(optax.GradientTransformation):
@@ -252,7 +267,7 @@ def test_temperature_gradient_at_the_bound(mode):
     parameter itself, at the bound after the clamp) has one."""
     cfg = small_model_config("project")
     cfg.model.temperature.mode = mode
-    graphdef, params = nnx.split(FVLM(cfg.model, 4, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = train_state.abstract_model(cfg, "fvlm")  # temp() reads the temperature alone
     params = nnx.to_pure_dict(params)
     img, txt, intact, caps = public_batch(0)
     text_id = np.array([[prepare.text_id(caps[o][i]) for i in range(len(intact))] for o in ORGANS])
