@@ -17,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from configs import recipes
 from fvlm_jax import config_checks, layout, stages, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
@@ -47,7 +48,7 @@ def main(argv):
     # Libraries (Orbax, tfds) log every file they touch at INFO through absl; keep the console for our progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").addFilter(lambda r: "FeatureConnector.dtype" not in r.getMessage())  # tfds-internal
-    for name in ("fvlm_jax", "input_pipeline", "__main__"):
+    for name in ("fvlm_jax", "input_pipeline", "configs", "__main__"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         run(_MODE.value)
@@ -72,6 +73,8 @@ def run(mode: str) -> None:
         log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     cfg, workdir = _CONFIG.value, _WORKDIR.value
+    # The recipe's switches, after the flags: a key given on the command line keeps its value.
+    recipes.resolve(cfg, config_flags.get_override_values(flags.FLAGS["config"]))
     config_checks.validate(cfg)
     steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
              "export": stages.run_export}

@@ -8,6 +8,8 @@ import ml_collections
 
 from configs import demo
 
+# --config.recipe=reference adds TotalSegmentator's atrial_appendage_left to the heart, as the public code's heart
+# mask has it (configs/recipes.py).
 ANATOMIES = {
     "lung": demo.ANATOMIES["lung"],
     "heart": ["heart"],

@@ -68,6 +68,10 @@ PROMPT_VARIANTS = [
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # "project": this project's choices, every switch below at its written default. "reference": the public fVLM
+    # code's semantics (alibaba-damo-academy/fvlm d768ec1); configs/recipes.py sets each switch it names to the
+    # public value unless that key is given on the command line (docs/method.md, "Two recipes").
+    c.recipe = "project"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"  # "demo": generate the synthetic set under <workdir>/raw; "ct_rate": read data.root
@@ -119,6 +123,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # part in the splitting. A YAML or JSON file of the same form in report_vocabulary_file replaces it.
     c.prep.report_vocabulary = report_split.chest_ct_vocabulary()
     c.prep.report_vocabulary_file = ""
+    # Recipe switches of the anatomy texts (reference: both True; input_pipeline/captions.py). normal_from_impression:
+    # an anatomy is normal when the report's impression says nothing about it (the public caption_datasets.py:118)
+    # instead of when no disease trigger is found. template_texts: the text is impression + findings, an anatomy
+    # without impression text starts with "<anatomy> shows no significant abnormalities." (stripped again before
+    # tokenizing), and one the report does not describe gets that template alone and is a normal sample.
+    c.prep.normal_from_impression = False
+    c.prep.template_texts = False
     c.prep.spacing_xyz = (5.0, 5.0, 9.0)  # every anatomy fits the 32 x 48 x 64 input: none is cut by the crop
     # Wider than CT-RATE's [-1150, 350] so calcium (600-1000 HU) is not clipped to the same value as bone.
     c.prep.hu_window = (-1100.0, 900.0)
@@ -159,8 +170,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # take it from there at train time; written out, the config also runs without prepared records). 352
         # tokens per volume, against 7 x 48 = 336 at one length of 48, which cut 34 % of the lung texts.
         anatomy_len="aorta=40,esophagus=32,heart=56,kidney=32,liver=48,lung=112,spleen=32"))
-    c.model.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.001, max=0.5))
+    # mode "clip": the forward pass clips the parameter to [min, max] (past a bound its gradient is zero, so it can
+    # stay there). "clamp": the forward pass uses the parameter, which the train step puts back into [min, max]
+    # after each update, as the public code's temp.clamp_ (reference).
+    c.model.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.001, max=0.5, mode="clip"))
     c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+    # Dropout rate in the image encoder's blocks (attention output, MLP hidden and output) and on the anatomy
+    # pooling's attention weights; training only (reference: 0.1, MONAI's ViT and torch's MultiheadAttention).
+    c.model.dropout = 0.0
+    c.model.gelu = "tanh"  # "tanh" (jax.nn.gelu's default) or "erf" (exact; torch's nn.GELU and BERT: reference)
     c.model.remat = False  # recompute transformer blocks in the backward pass (saves activation memory)
     # What the backward pass may keep when remat is on: a jax.checkpoint_policies name. "nothing_saveable" keeps
     # only block inputs; "dots_with_no_batch_dims_saveable" keeps the matmul outputs (faster, more memory).
@@ -172,7 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.normal_pairs = True  # normal false-negative correction
     c.loss.same_text_pairs = True
-    c.loss.disease_pairs = True  # disease-aware pairing of abnormal samples
+    c.loss.disease_pairs = True  # disease-aware pairing of abnormal samples (reference: False)
+    # An anatomy whose positive pairs are all pairs of its valid samples (every target row uniform) contributes 0,
+    # as the public blip_pretrain.py:267 skips it (reference: True).
+    c.loss.skip_all_positive = False
     # "gspmd": the loss as one jitted function, XLA chooses the collectives. "shard_map": each device computes its
     # own rows against all-gathered embeddings (fvlm_jax.losses.sharded_anatomy_contrastive_loss).
     c.loss.impl = "gspmd"

@@ -10,7 +10,7 @@ import ml_collections
 
 from fvlm_jax import pretrained, sharding, text_lengths
 from fvlm_jax.models.fvlm import METHODS
-from fvlm_jax.models.transformer import ATTENTION_IMPLS
+from fvlm_jax.models.transformer import ATTENTION_IMPLS, GELUS
 from input_pipeline import report_split
 
 MODES = ("prepare", "train", "eval", "export", "all", "predict")
@@ -63,6 +63,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             errors.append(str(e))
     if not 0 < m.temperature.min <= m.temperature.init <= m.temperature.max:
         errors.append("need 0 < model.temperature.min <= init <= max")
+    if m.temperature.mode not in ("clip", "clamp"):
+        errors.append(f"model.temperature.mode={m.temperature.mode!r}: choose 'clip' or 'clamp'")
+    if m.gelu not in GELUS:
+        errors.append(f"model.gelu={m.gelu!r}: choose one of {GELUS}")
+    if not 0 <= m.dropout < 1:
+        errors.append(f"model.dropout={m.dropout}: a rate in [0, 1)")
     bad = [x for x in cfg.train.methods if x not in METHODS]
     if bad:
         errors.append(f"train.methods: unknown {bad}; choose from {METHODS}")

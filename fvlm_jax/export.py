@@ -35,7 +35,8 @@ from input_pipeline import preprocess
 from input_pipeline.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILES, WORDPIECE_FILE, load_tokenizer
 
 # Bumped whenever a reader of an older folder would misread it. 2: format_version recorded, portable/ added.
-# 3: the text encoder's architecture in the model config (model.text.arch: a pretrained BERT's, or tokenizer.json).
+# 3: the model config has the text encoder's architecture (model.text.arch: a pretrained BERT's, with its
+# tokenizer.json) and the recipe's switches model.gelu, model.dropout and model.temperature.mode.
 FORMAT_VERSION = 3
 
 

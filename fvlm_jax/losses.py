@@ -67,14 +67,25 @@ def _row_losses(queries, keys, row, col, temperature, switches):
     return jnp.where(row["valid"], per_row, 0.0)
 
 
-def _combine(row_sum, col_sum, n_valid, n_abnormal):
-    """Per anatomy 0.5 * (mean row loss + mean column loss); 0 for an anatomy with no valid abnormal sample."""
+def _non_positive_pairs(row, col, switches):
+    """[A] count of valid (row, column) pairs that are not positives: 0 when every target row is uniform."""
+    pos, pair_valid = _pair_targets(row, col, **switches)
+    return jnp.sum(pair_valid & ~pos, axis=(1, 2))
+
+
+def _combine(row_sum, col_sum, n_valid, n_abnormal, n_non_positive=None):
+    """Per anatomy 0.5 * (mean row loss + mean column loss); 0 for an anatomy with no valid abnormal sample, and
+    (when n_non_positive is given: loss.skip_all_positive) for one whose valid pairs are all positives."""
     per_anatomy = 0.5 * (row_sum + col_sum) / jnp.maximum(n_valid, 1)
-    return jnp.where(n_abnormal > 0, per_anatomy, 0.0)
+    used = n_abnormal > 0
+    if n_non_positive is not None:
+        used = used & (n_non_positive > 0)
+    return jnp.where(used, per_anatomy, 0.0)
 
 
 def anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, temperature, normal_pairs=True,
-                             same_text_pairs=True, disease_pairs=True, return_per_anatomy=False):
+                             same_text_pairs=True, disease_pairs=True, skip_all_positive=False,
+                             return_per_anatomy=False):
     """fVLM's fine-grained contrastive loss with false-negative correction.
 
     Args:
@@ -82,6 +93,7 @@ def anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, tempe
       valid, normal: [A, B] bool. text_id: [A, B] int. disease: [A, B, K] bool.
       temperature: scalar; logits = img @ txt^T / temperature.
       normal_pairs, same_text_pairs, disease_pairs: switch each false-negative correction.
+      skip_all_positive: an anatomy whose valid pairs are all positives contributes 0 (the public code's rule).
     Returns:
       Scalar: sum over anatomies of 0.5 * (row + column soft cross-entropy), each averaged over valid rows; an
       anatomy with no valid abnormal sample contributes 0. With return_per_anatomy, also the [A] vector.
@@ -92,14 +104,15 @@ def anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, tempe
     # roles of the two encoders swapped.
     rows = _row_losses(img, txt, side, side, temperature, sw).sum(-1)
     cols = _row_losses(txt, img, side, side, temperature, sw).sum(-1)
-    per_anatomy = _combine(rows, cols, side["valid"].sum(-1), jnp.sum(side["valid"] & ~side["normal"], -1))
+    non_pos = _non_positive_pairs(side, side, sw) if skip_all_positive else None
+    per_anatomy = _combine(rows, cols, side["valid"].sum(-1), jnp.sum(side["valid"] & ~side["normal"], -1), non_pos)
     loss = per_anatomy.sum()
     return (loss, per_anatomy) if return_per_anatomy else loss
 
 
 def sharded_anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, disease, temperature, mesh,
                                      batch_axes=("data", "fsdp"), normal_pairs=True, same_text_pairs=True,
-                                     disease_pairs=True, return_per_anatomy=False):
+                                     disease_pairs=True, skip_all_positive=False, return_per_anatomy=False):
     """`anatomy_contrastive_loss` as a `jax.shard_map` over the batch axes of `mesh` (same arguments and result).
 
     Each device keeps its own samples as rows and all-gathers only the [A, B, D] embeddings and the per-sample
@@ -127,7 +140,8 @@ def sharded_anatomy_contrastive_loss(img, txt, *, valid, normal, text_id, diseas
         cols = _row_losses(txt, gather(img), mine, full, temperature, sw).sum(-1)
         n_valid = jax.lax.psum(mine["valid"].sum(-1), batch_axes)
         n_abnormal = jax.lax.psum(jnp.sum(mine["valid"] & ~mine["normal"], -1), batch_axes)
-        return _combine(jax.lax.psum(rows, batch_axes), jax.lax.psum(cols, batch_axes), n_valid, n_abnormal)
+        non_pos = jax.lax.psum(_non_positive_pairs(mine, full, sw), batch_axes) if skip_all_positive else None
+        return _combine(jax.lax.psum(rows, batch_axes), jax.lax.psum(cols, batch_axes), n_valid, n_abnormal, non_pos)
 
     per_anatomy = jax.shard_map(local, mesh=mesh, in_specs=(spec3, spec3, spec2, spec2, spec2, spec3, P()),
                                 out_specs=P())(img, txt, valid, normal, text_id, disease, temperature)

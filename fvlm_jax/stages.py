@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from fvlm_jax import checkpoint, export, plots, pretrained, sharding, text_lengths, train, zero_shot
 from fvlm_jax.layout import load_manifest, load_stats, read_json, records_dir, train_dir
+from input_pipeline.prepare import text_recipe
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ def prepared_config(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_co
     if manifest["anatomies"] != list(cfg.prep.anatomies):
         raise ValueError(f"records were prepared for anatomies {manifest['anatomies']}, config has "
                          f"{list(cfg.prep.anatomies)}: prepare again")
+    # Records from before the text switches existed hold the project recipe's texts.
+    prepared = manifest.get("texts", {"template_texts": False, "normal_from_impression": False})
+    if prepared != text_recipe(cfg.prep):
+        raise ValueError(f"records were prepared with the anatomy texts {prepared}, config (recipe {cfg.recipe!r}) "
+                         f"has {text_recipe(cfg.prep)}: prepare again")
     return text_lengths.resolve(cfg, manifest, load_stats(workdir)), manifest
 
 

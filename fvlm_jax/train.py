@@ -53,7 +53,9 @@ class Trainer:
         step = functools.partial(
             train_step, graphdef=self.graphdef, tx=self.tx, method=method, loss_cfg=cfg.loss, rules=self.rules,
             width=int(cfg.model.input_zyx[2]), num_micro=int(cfg.train.grad_accum_steps), mesh=mesh,
-            batch_spec=self.batch_spec, lengths=self.text_lengths)
+            batch_spec=self.batch_spec, lengths=self.text_lengths,
+            dropout_seed=cfg.seed if cfg.model.dropout > 0 else None,
+            clamp=cfg.model.temperature if cfg.model.temperature.mode == "clamp" else None)
         self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 

@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from fvlm_jax import augment, losses, sharding
-from fvlm_jax.models.fvlm import FVLM
+from fvlm_jax.models.fvlm import FVLM, clamp_temperature
+from fvlm_jax.models.transformer import train_dropout
 
 
 def embed(model: FVLM, batch: dict, method: str, lengths=None):
@@ -36,11 +37,21 @@ def loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg,
         kw = dict(valid=(intact & batch["has_text"]).T, normal=batch["normal"].T, text_id=batch["text_id"].T,
                   disease=jnp.swapaxes(batch["disease"], 0, 1), temperature=temperature,
                   normal_pairs=loss_cfg.normal_pairs, same_text_pairs=loss_cfg.same_text_pairs,
-                  disease_pairs=loss_cfg.disease_pairs, return_per_anatomy=True)
+                  disease_pairs=loss_cfg.disease_pairs, skip_all_positive=loss_cfg.skip_all_positive,
+                  return_per_anatomy=True)
         img, txt = jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1)
         if loss_cfg.impl == "shard_map" and mesh is not None:
             return losses.sharded_anatomy_contrastive_loss(img, txt, mesh=mesh, **kw)
         return losses.anatomy_contrastive_loss(img, txt, **kw)
+
+
+def training_model(graphdef, params, dropout_key=None) -> FVLM:
+    """The model of `params` for a training pass: with its dropout layers on, keyed from `dropout_key`, when given
+    (None: model.dropout is 0, and the model is exactly the evaluation one)."""
+    model = nnx.merge(graphdef, params)
+    if dropout_key is not None:
+        train_dropout(model, dropout_key)
+    return model
 
 
 def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.ConfigDict, mesh=None,
@@ -52,13 +63,14 @@ def batch_loss(model: FVLM, batch: dict, method: str, loss_cfg: ml_collections.C
 
 
 def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_cfg, mesh, num_micro: int,
-                               batch_spec=None, lengths=None):
+                               batch_spec=None, lengths=None, dropout_key=None):
     """(loss, aux), grads of the *global-batch* loss, computing encoder activations one micro-batch at a time.
 
     Exact, not an approximation (the GradCache scheme): 1) embed every micro-batch without keeping activations;
     2) the contrastive loss of the whole batch and its gradient with respect to the embeddings (and temperature);
     3) per micro-batch, re-run the encoders under `jax.vjp` and pull the embedding gradient back to the
-    parameters, summing. Costs one extra forward pass; activation memory is that of one micro-batch.
+    parameters, summing. Costs one extra forward pass; activation memory is that of one micro-batch. With dropout,
+    micro-batch m's two passes use the same key (folded from `dropout_key` and m), so the same masks.
     """
     b = batch["image"].shape[0]
     if b % num_micro:
@@ -71,11 +83,13 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
         return x
 
     micro = jax.tree.map(split, batch)
+    keys = None if dropout_key is None else jax.vmap(lambda m: jax.random.fold_in(dropout_key, m))(
+        jnp.arange(num_micro))
 
-    def embed_micro(p, mb):
-        return embed(nnx.merge(graphdef, p), mb, method, lengths)
+    def embed_micro(p, mb, key):
+        return embed(training_model(graphdef, p, key), mb, method, lengths)
 
-    img, txt, intact = jax.lax.map(lambda mb: embed_micro(params, mb), micro)
+    img, txt, intact = jax.lax.map(lambda xs: embed_micro(params, *xs), (micro, keys))
     flat = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), dict(micro=micro, img=img, txt=txt, intact=intact))
 
     def head_loss(img, txt, p):
@@ -87,37 +101,44 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
     g_img, g_txt = (g.reshape(num_micro, b // num_micro, *g.shape[1:]) for g in (g_img, g_txt))
 
     def backward(acc, xs):
-        mb, gi, gt = xs
-        _, vjp = jax.vjp(lambda p: embed_micro(p, mb)[:2], params)
+        mb, key, gi, gt = xs
+        _, vjp = jax.vjp(lambda p: embed_micro(p, mb, key)[:2], params)
         return jax.tree.map(jnp.add, acc, vjp((gi, gt))[0]), None
 
-    grads, _ = jax.lax.scan(backward, grads, (micro, g_img, g_txt))
+    grads, _ = jax.lax.scan(backward, grads, (micro, keys, g_img, g_txt))
     return (loss, {"per_anatomy": per_anatomy}), grads
 
 
 def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransformation, method: str,
                loss_cfg: ml_collections.ConfigDict, rules, width: int, num_micro: int = 1, mesh=None,
-               batch_spec=None, lengths=None) -> tuple[dict, dict]:
+               batch_spec=None, lengths=None, dropout_seed: int | None = None,
+               clamp=None) -> tuple[dict, dict]:
     """One optimizer step. state: {"params", "opt_state", "step"} (fvlm_jax.train_state); batch: global arrays, with
     `labels_packed`, `label_shift` and `flip` from tf.data (finished here, on the device: fvlm_jax.augment) or plain
-    `labels`. width: the model's input x size. Returns (new state, metrics: loss, per_anatomy [A], grad_norm,
-    param_norm, temperature)."""
+    `labels`. width: the model's input x size. dropout_seed: None (model.dropout 0), else the seed of the dropout
+    keys, one per step (folded with the step, so a resumed run draws the same masks). clamp: None, or
+    cfg.model.temperature when its mode is "clamp" (the temperature is put back into range after the update).
+    Returns (new state, metrics: loss, per_anatomy [A], grad_norm, param_norm, temperature)."""
+    dropout_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
     with sharding.axis_rules(rules):
         if "labels_packed" in batch:
             with jax.named_scope("augment"):
                 batch = augment.finish_on_device(batch, width)
         if num_micro > 1:
             (loss, aux), grads = accumulated_value_and_grad(
-                graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec, lengths)
+                graphdef, state["params"], batch, method, loss_cfg, mesh, num_micro, batch_spec, lengths, dropout_key)
         else:
             def loss_fn(params):
-                return batch_loss(nnx.merge(graphdef, params), batch, method, loss_cfg, mesh, lengths)
+                return batch_loss(training_model(graphdef, params, dropout_key), batch, method, loss_cfg, mesh,
+                                  lengths)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if clamp is not None:
+            params = clamp_temperature(params, clamp)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
                    **aux, "temperature": nnx.merge(graphdef, params).temp()}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

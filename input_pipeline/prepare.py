@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from input_pipeline import ct_rate, label_packing, preprocess, report_split, sources
+from input_pipeline import captions, ct_rate, label_packing, preprocess, report_split, sources
 from input_pipeline.tokenizer import make_tokenizer, normalize
 from input_pipeline.totalseg_classes import CLASS_TABLES
 
@@ -208,6 +208,12 @@ def prep_kwargs(p) -> dict:
                 min_size_zyx=tuple(p.min_size_zyx))
 
 
+def text_recipe(p) -> dict:
+    """The recipe switches of cfg.prep (`p`) that decide the anatomy texts and normal flags. The manifest records
+    them, and train, eval and export refuse records prepared with others (fvlm_jax.stages.prepared_config)."""
+    return {"template_texts": bool(p.template_texts), "normal_from_impression": bool(p.normal_from_impression)}
+
+
 def _listing_category(reason: str) -> str:
     if "UTF-8" in reason:
         return "undecodable text encoding"
@@ -266,7 +272,16 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             scans[split].append(s)
 
     decomposition_dir = cfg.data.decomposition_dir or ""
-    desc, conc = sources.load_decomposition(decomposition_dir, anatomies) if decomposition_dir else ({}, {})
+    desc, conc, flags = (sources.load_decomposition(decomposition_dir, anatomies) if decomposition_dir
+                         else ({}, {}, {}))
+    # The recipe's text switches (input_pipeline/captions.py): with either on, the findings and the impression are
+    # split apart and joined the public code's way.
+    text_switches = text_recipe(p)
+    apart = any(text_switches.values())
+
+    def joined(parts):
+        return captions.anatomy_texts(*parts, anatomies, **text_switches)
+
     from_files = fallback = 0
     texts, text_problem = {}, {}  # a scan's texts, or why its report is unusable (reported after its image)
     for split in splits:
@@ -274,11 +289,20 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
             if not (s.findings.strip() or s.impression.strip()):
                 text_problem[s.id] = ("missing or empty report", "missing or empty report")
                 continue
-            parts = sources.decomposed_texts(s.id, desc, conc, anatomies, vocabulary) if decomposition_dir else None
+            parts = None
+            if decomposition_dir and apart:
+                parts = sources.decomposed_parts(s.id, desc, conc, anatomies, vocabulary)
+                parts = None if parts is None else joined(parts)
+            elif decomposition_dir:
+                parts = sources.decomposed_texts(s.id, desc, conc, flags, anatomies, vocabulary)
             if parts is None:
                 fallback += bool(decomposition_dir)
-                parts = {a: t for a, t in report_split.split_report(s.findings, s.impression, lexicon,
-                                                                    vocabulary).items() if a in anatomies}
+                if apart:
+                    parts = joined((report_split.split_report(s.findings, "", lexicon, vocabulary),
+                                    report_split.split_report("", s.impression, lexicon, vocabulary)))
+                else:
+                    parts = {a: t for a, t in report_split.split_report(s.findings, s.impression, lexicon,
+                                                                        vocabulary).items() if a in anatomies}
             else:
                 from_files += 1
             if not parts:
@@ -344,9 +368,12 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     if strict and rejects:
         raise RuntimeError(f"data.strict: {len(rejects)} input(s) rejected; see {out_dir}/rejects.jsonl")
 
+    def encoded(anatomy, text):  # what the text encoder reads (the identity of a text is the whole of it)
+        return captions.encoded_text(anatomy, text) if p.template_texts else text
+
     # 3. Tokenizer: sentencepiece on the surviving training texts, or the WordPiece of model.text.init's BERT.
     train_scans = scans[cfg.data.train_split]
-    train_texts = [t.text for s in train_scans for t in texts[s.id].values()]
+    train_texts = [encoded(a, t.text) for s in train_scans for a, t in texts[s.id].items()]
     train_texts += [f"{s.findings} {s.impression}" for s in train_scans]
     if not train_texts:
         raise RuntimeError(f"no usable training scans in {raw_root}; see {out_dir}/rejects.jsonl")
@@ -381,7 +408,8 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                                 for a in anatomies], bool).reshape(len(anatomies), len(diseases))
             writer.write({
                 "id": s.id, "image": out["image"], "labels_packed": label_packing.pack_labels(out["labels"], k),
-                "text_tokens": tok.encode(row_texts, p.text_len), "has_text": has_text, "normal": normal,
+                "text_tokens": tok.encode([encoded(a, t) for a, t in zip(anatomies, row_texts)], p.text_len),
+                "has_text": has_text, "normal": normal,
                 "disease": disease,
                 "text_id": np.array([text_id(t) if t else 0 for t in row_texts], np.int32),
                 "report_tokens": tok.encode([f"{s.findings} {s.impression}"], p.report_len)[0],
@@ -409,7 +437,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
                    for split in splits}, f)
 
     by_anatomy = {a: tok.lengths(ts) for a in anatomies
-                  if (ts := [texts[s.id][a].text for s in train_scans if a in texts[s.id]])}
+                  if (ts := [encoded(a, texts[s.id][a].text) for s in train_scans if a in texts[s.id]])}
     report_lengths = tok.lengths([f"{s.findings} {s.impression}" for s in train_scans])
     pct = (50, 90, 95, 99, 100)
 
@@ -433,7 +461,7 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
         "splits": {i.name: i.num_examples for i in split_infos}, "rejected": len(rejects),
         "tokenizer": tok_file, "tokenizer_identity": tok.identity(), "vocab_size": tok.vocab_size,
         "prep": prep_kw | {"class_table": p.class_table},
-        "text_len": p.text_len, "report_len": p.report_len,
+        "text_len": p.text_len, "report_len": p.report_len, "texts": text_switches,
     }
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -116,11 +117,13 @@ DECOMPOSITION_JSONL_KEYS = ("id", "anatomy", "text", "abnormal")
 _MARK = "fvlmanatomymark"  # a word no report contains: makes every sentence belong to the anatomy being labelled
 
 
-def load_decomposition(path: str, anatomies) -> tuple[dict, dict]:
-    """(findings, impression) tables {scan id: {anatomy: text}} of a decomposition made elsewhere. `path` is a
-    folder with fVLM's desc_info.json / conc_info.json (a missing one is an empty table), a RadGenome-ChestCT CSV
-    (.csv), a generic JSONL (.jsonl), or a folder of .csv / .jsonl files (their tables are merged). Raises
-    FileNotFoundError when nothing usable is there, ValueError for a malformed file (naming the file and line)."""
+def load_decomposition(path: str, anatomies) -> tuple[dict, dict, dict]:
+    """(findings, impression, abnormal) tables of a decomposition made elsewhere: {scan id: {anatomy: text}} twice,
+    and {scan id: {anatomy: bool}} of the anatomies a JSONL states a flag for (true when any of its lines is
+    abnormal; fVLM's files and RadGenome-ChestCT's state none). `path` is a folder with fVLM's desc_info.json /
+    conc_info.json (a missing one is an empty table), a RadGenome-ChestCT CSV (.csv), a generic JSONL (.jsonl), or
+    a folder of .csv / .jsonl files (their tables are merged). Raises FileNotFoundError when nothing usable is
+    there, ValueError for a malformed file (naming the file and line)."""
     if os.path.isdir(path):
         fvlm = [n for n in DECOMPOSITION_FILES if os.path.exists(os.path.join(path, n))]
         others = sorted(n for n in os.listdir(path) if n.endswith((".csv", ".jsonl")))
@@ -128,7 +131,7 @@ def load_decomposition(path: str, anatomies) -> tuple[dict, dict]:
             raise ValueError(f"data.decomposition_dir={path} holds both fVLM's {fvlm} and {others}: "
                              "point it at one of them")
         if fvlm:
-            return _load_fvlm(path)
+            return (*_load_fvlm(path), {})
         if not others:
             raise FileNotFoundError(f"data.decomposition_dir={path} holds neither of {DECOMPOSITION_FILES} nor "
                                     "any .csv (RadGenome-ChestCT) or .jsonl file")
@@ -140,15 +143,20 @@ def load_decomposition(path: str, anatomies) -> tuple[dict, dict]:
                          "file")
     else:
         raise FileNotFoundError(f"data.decomposition_dir={path} does not exist")
-    findings, impression = {}, {}
+    findings, impression, flags = {}, {}, {}
     for f in files:
-        rows = _radgenome_rows(f, anatomies) if f.endswith(".csv") else _jsonl_rows(f, anatomies)
+        jsonl = f.endswith(".jsonl")
+        rows = _jsonl_rows(f, anatomies) if jsonl else _radgenome_rows(f, anatomies)
         for scan, anatomy, text, abnormal in rows:
             parts = (impression if abnormal else findings).setdefault(scan, {}).setdefault(anatomy, [])
             if text not in parts:  # reconstructions of one scan repeat its sentences
                 parts.append(text)
-    return tuple({k: {a: " ".join(v) for a, v in t.items()} for k, t in table.items()}
-                 for table in (findings, impression))
+            if jsonl:
+                scan_flags = flags.setdefault(scan, {})
+                scan_flags[anatomy] = scan_flags.get(anatomy, False) or abnormal
+    findings, impression = ({k: {a: " ".join(v) for a, v in t.items()} for k, t in table.items()}
+                            for table in (findings, impression))
+    return findings, impression, flags
 
 
 def _load_fvlm(folder: str) -> tuple[dict, dict]:
@@ -215,8 +223,9 @@ def _radgenome_rows(path: str, anatomies):
 
 def _jsonl_rows(path: str, anatomies):
     """(scan key, anatomy, text, abnormal) of a JSONL decomposition, one {"id", "anatomy", "text", "abnormal"} per
-    line. An abnormal text goes to the impression table, as fVLM's conc_info.json holds the abnormal part. Lines
-    with an anatomy that is not configured are ignored, counted and logged."""
+    line. An abnormal text goes to the impression table, as fVLM's conc_info.json holds the abnormal part, and the
+    flag decides the anatomy's normal flag (`decomposed_texts`). Lines with an anatomy that is not configured are
+    ignored, counted and logged."""
     rows, ignored, configured = [], collections.Counter(), set(anatomies)
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
@@ -262,20 +271,46 @@ def label_anatomy_text(text: str, anatomy: str, vocabulary=report_split.DEFAULT_
     return report_split.AnatomyText(text=" ".join(text.split()), normal=not diseases, diseases=diseases)
 
 
-def decomposed_texts(scan_id: str, findings: dict, impression: dict, anatomies,
-                     vocabulary=report_split.DEFAULT_VOCABULARY) -> dict | None:
-    """{anatomy: AnatomyText} of a scan from the decomposition tables (findings text, then impression text), or
-    None when the scan is in neither table. The scan is looked up by its id, then by its CT-RATE scan
-    ("train_1_a_1" -> "train_1_a"); diseases come from `vocabulary` (anatomy -> disease -> trigger phrases)."""
-    keys = [k for k in (scan_id, ct_rate.scan_key(scan_id)) if k in findings or k in impression]
+def _scan_tables(scan_id: str, *tables: dict) -> list[dict] | None:
+    """Each table's entry {anatomy: ...} for a scan, looked up by its id, then by its CT-RATE scan ("train_1_a_1" ->
+    "train_1_a"); None when the scan is in none of them."""
+    keys = [k for k in (scan_id, ct_rate.scan_key(scan_id)) if any(k in t for t in tables)]
     if not keys:
         return None
-    desc, conc = findings.get(keys[0]) or {}, impression.get(keys[0]) or {}
+    return [t.get(keys[0]) or {} for t in tables]
+
+
+def decomposed_texts(scan_id: str, findings: dict, impression: dict, abnormal: dict, anatomies,
+                     vocabulary=report_split.DEFAULT_VOCABULARY) -> dict | None:
+    """{anatomy: AnatomyText} of a scan from the decomposition tables of `load_decomposition` (findings text, then
+    impression text), or None when the scan is in neither text table. Diseases come from `vocabulary` (anatomy ->
+    disease -> trigger phrases); an anatomy is normal when none is found, unless the `abnormal` table (a JSONL's
+    flags) states it: then normal = not abnormal."""
+    found = _scan_tables(scan_id, findings, impression, abnormal)
+    if found is None:
+        return None
+    desc, conc, flags = found
     out = {}
     for a in anatomies:
         pieces = [t.strip() for t in (desc.get(a), conc.get(a)) if isinstance(t, str) and t.strip()]
         if pieces:
             labelled = label_anatomy_text(" ".join(pieces), a, vocabulary)
             if labelled.text:
+                if a in flags:
+                    labelled = dataclasses.replace(labelled, normal=not flags[a])
                 out[a] = labelled
     return out
+
+
+def decomposed_parts(scan_id: str, findings: dict, impression: dict, anatomies,
+                     vocabulary=report_split.DEFAULT_VOCABULARY) -> tuple[dict, dict] | None:
+    # The JSONL's flags need no table here: its abnormal lines are the impression part, and the impression part
+    # decides normal under prep.normal_from_impression.
+    """({anatomy: AnatomyText} of the findings part, the same of the impression part) of a scan, each labelled on
+    its own (input_pipeline.captions.anatomy_texts joins them the public code's way), or None when the scan is in
+    neither table."""
+    found = _scan_tables(scan_id, findings, impression)
+    if found is None:
+        return None
+    return tuple({a: labelled for a in anatomies if isinstance(part.get(a), str)
+                  and (labelled := label_anatomy_text(part[a], a, vocabulary)).text} for part in found)

@@ -76,10 +76,28 @@ def test_jsonl_matches_fvlm(tmp_path, caplog):
     want = _fvlm(tmp_path, {"train_1_a": {"lung": "Centrilobular emphysema.", "heart": "Heart size is normal."}},
                  {"train_1_a": {"lung": "Pleural effusion on the right."},
                   "patient7": {"aorta": "Aortic calcification."}})
-    assert got == want
+    assert got[:2] == want[:2] and want[2] == {}
+    # The flags: an anatomy is abnormal when any of its lines is.
+    assert got[2] == {"train_1_a": {"lung": True, "heart": False}, "patient7": {"aorta": True}}
     assert "1 rows ignored" in caplog.text and "'brain' 1" in caplog.text
     parts = sources.decomposed_texts("train_1_a_1", *got, ANATOMIES)
     assert parts["lung"].text == "Centrilobular emphysema. Pleural effusion on the right." and not parts["lung"].normal
+
+
+def test_jsonl_abnormal_flag_sets_normal(tmp_path):
+    """The JSONL's `abnormal` decides the normal flag, over the vocabulary: a text with a disease trigger flagged
+    false is normal, one with none flagged true is abnormal; without the flags the vocabulary decides."""
+    lines = [{"id": "s1", "anatomy": "lung", "text": "Emphysema in both upper lobes.", "abnormal": False},
+             {"id": "s1", "anatomy": "heart", "text": "The heart looks unusual.", "abnormal": True},
+             {"id": "s1", "anatomy": "aorta", "text": "Aortic calcification.", "abnormal": True}]
+    path = tmp_path / "dec.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    findings, impression, flags = sources.load_decomposition(str(path), ANATOMIES)
+    parts = sources.decomposed_texts("s1", findings, impression, flags, ANATOMIES)
+    assert {a: t.normal for a, t in parts.items()} == {"lung": True, "heart": False, "aorta": False}
+    assert parts["lung"].diseases == ("Emphysema",)  # the labels stay the vocabulary's
+    by_vocabulary = sources.decomposed_texts("s1", findings, impression, {}, ANATOMIES)
+    assert {a: t.normal for a, t in by_vocabulary.items()} == {"lung": False, "heart": True, "aorta": False}
 
 
 def test_folder_of_csv_and_jsonl_is_merged(tmp_path):
@@ -87,16 +105,17 @@ def test_folder_of_csv_and_jsonl_is_merged(tmp_path):
     _csv(tmp_path / "valid.csv", [("valid_2_a_1.nii.gz", "lung", "No nodules.")])
     (tmp_path / "extra.jsonl").write_text(json.dumps(
         {"id": "train_1_a", "anatomy": "heart", "text": "Pericardial effusion.", "abnormal": True}) + "\n")
-    findings, impression = sources.load_decomposition(str(tmp_path), ANATOMIES)
+    findings, impression, flags = sources.load_decomposition(str(tmp_path), ANATOMIES)
     assert findings == {"train_1_a": {"heart": "Heart size is normal."}, "valid_2_a": {"lung": "No nodules."}}
     assert impression == {"train_1_a": {"heart": "Pericardial effusion."}}
+    assert flags == {"train_1_a": {"heart": True}}  # only the JSONL states flags
 
 
 def test_fvlm_folder_unchanged(tmp_path):
     desc, conc = {"train_1_a": {"lung": "Emphysema.", "brain": "kept as published"}}, {}
-    assert _fvlm(tmp_path, desc, conc) == (desc, conc)
+    assert _fvlm(tmp_path, desc, conc) == (desc, conc, {})
     (tmp_path / "fvlm" / "desc_info.json").unlink()
-    assert sources.load_decomposition(str(tmp_path / "fvlm"), ANATOMIES) == ({}, {})
+    assert sources.load_decomposition(str(tmp_path / "fvlm"), ANATOMIES) == ({}, {}, {})
 
 
 @pytest.mark.parametrize("content, message", [

@@ -7,7 +7,7 @@ from fvlm_jax import losses
 
 
 def reference_anatomy_loss(img, txt, valid, normal, text_id, disease, temperature, normal_pairs=True,
-                           same_text_pairs=True, disease_pairs=True):
+                           same_text_pairs=True, disease_pairs=True, skip_all_positive=False):
     a_n, b_n, _ = img.shape
     total = 0.0
     for a in range(a_n):
@@ -29,6 +29,8 @@ def reference_anatomy_loss(img, txt, valid, normal, text_id, disease, temperatur
                         and disease[a, j].any() and (disease[a, i] == disease[a, j]).all()):
                     pos = True
                 t[r, c] = float(pos)
+        if skip_all_positive and t.all():
+            continue
 
         def xent(logits, targets, n=n):
             out = 0.0
@@ -67,6 +69,25 @@ def test_anatomy_loss_matches_reference(seed, switches):
                                           temperature=0.1, **kw)
     want = reference_anatomy_loss(img, txt, valid, normal, text_id, disease, 0.1, **kw)
     np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_all_positive_anatomy_contributes_zero_with_the_rule(seed):
+    """loss.skip_all_positive (the public blip_pretrain.py:267): an anatomy whose valid samples are all positives
+    of each other (here: all abnormal with one text) contributes 0; without the rule it has a loss (uniform targets);
+    the other anatomies are unchanged either way."""
+    img, txt, valid, normal, text_id, disease = random_inputs(seed)
+    normal[1], text_id[1] = False, 5
+    kw = dict(valid=valid, normal=normal, text_id=text_id, disease=disease, temperature=0.1, disease_pairs=False)
+    _, per = losses.anatomy_contrastive_loss(img, txt, skip_all_positive=True, return_per_anatomy=True, **kw)
+    _, per_without = losses.anatomy_contrastive_loss(img, txt, return_per_anatomy=True, **kw)
+    assert float(per[1]) == 0.0 < float(per_without[1])
+    np.testing.assert_array_equal(np.asarray(per)[[0, 2]], np.asarray(per_without)[[0, 2]])
+    for flag in (True, False):
+        want = reference_anatomy_loss(img, txt, valid, normal, text_id, disease, 0.1, disease_pairs=False,
+                                      skip_all_positive=flag)
+        got = losses.anatomy_contrastive_loss(img, txt, skip_all_positive=flag, **kw)
+        np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
 
 
 def test_anatomy_without_abnormal_contributes_zero():

@@ -13,7 +13,7 @@ from flax import nnx
 
 from fvlm_jax import anatomy, text_lengths
 from fvlm_jax.models.text import text_encoder, truncate_tokens
-from fvlm_jax.models.transformer import dense, layer_norm
+from fvlm_jax.models.transformer import configure_blocks, dense, layer_norm
 from fvlm_jax.models.vit3d import ViT3D
 from fvlm_jax.sharding import constrain, logical
 
@@ -39,6 +39,8 @@ class AnatomyPool(nnx.Module):
         # kv columns are head-major ([head][k|v][channel]) like the blocks' qkv.
         self.kv = dense(width, 2 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
         self.out = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        # On the attention weights, as torch's nn.MultiheadAttention(dropout=...) of the public code.
+        self.drop = nnx.Dropout(0.0, deterministic=True)
 
     def __call__(self, levels, member):
         """levels: [L, B, N, D] tokens; member: [B, A, N] bool. Returns [B, A, D].
@@ -55,9 +57,15 @@ class AnatomyPool(nnx.Module):
         mask = mask | ~mask.any(-1, keepdims=True)
         logits = jnp.einsum("ahc,bnhc->bahn", q, k) / jnp.sqrt(d // h).astype(q.dtype)
         logits = jnp.where(mask[:, :, None, :], logits, -1e9)
-        att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        att = self.drop(jax.nn.softmax(logits.astype(jnp.float32), axis=-1)).astype(v.dtype)
         pooled = jnp.einsum("bahn,bnhc->bahc", att, v).reshape(b, -1, d)
         return self.out(pooled)
+
+
+def clamp_temperature(params: dict, temperature_cfg) -> dict:
+    """The plain parameter dict with its temperature put back into [min, max] (model.temperature.mode "clamp",
+    after each update: the public code's `temp.clamp_(0.001, 0.5)`)."""
+    return {**params, "temperature": jnp.clip(params["temperature"], temperature_cfg.min, temperature_cfg.max)}
 
 
 class FVLM(nnx.Module):
@@ -83,8 +91,18 @@ class FVLM(nnx.Module):
         self.txt_proj = dense(t.width, cfg.embed_dim, ("embed", "proj"), rngs=rngs)
         self.temperature = nnx.Param(jnp.asarray(cfg.temperature.init, jnp.float32), **logical())
         self.temp_range = (cfg.temperature.min, cfg.temperature.max)
+        self.temp_mode = cfg.temperature.mode
+        # Static switches of the blocks and dropout layers (model.gelu, model.dropout): the GELU form everywhere,
+        # dropout in the image encoder and the pooling only.
+        configure_blocks(self, gelu=cfg.gelu)
+        configure_blocks(self.vision, dropout=cfg.dropout)
+        configure_blocks(self.pool, dropout=cfg.dropout)
 
     def temp(self):
+        """The temperature of the logits. mode "clip": the parameter clipped to its range here (zero gradient past a
+        bound); "clamp": the parameter itself, kept in range by the train step (`clamp_temperature`)."""
+        if self.temp_mode == "clamp":
+            return self.temperature[...]
         return jnp.clip(self.temperature[...], *self.temp_range)
 
     def encode_image(self, image, labels):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -32,6 +33,10 @@ class Block(nnx.Module):
         self.ln2 = layer_norm(width, rngs=rngs, dtype=dtype)
         self.fc1 = dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.gelu = "tanh"  # a GELUS name (configure_blocks)
+        # MONAI's ViT block drops the attention output, the MLP hidden units and the MLP output. Rate 0 (the default;
+        # configure_blocks sets it) returns its input unchanged; training turns them on (train_dropout).
+        self.drop_attn, self.drop_hidden, self.drop_mlp = (nnx.Dropout(0.0, deterministic=True) for _ in range(3))
 
     def __call__(self, x, mask=None):
         """x: [B, N, D]; mask: optional [B, N] bool of real (non-padding) tokens. Returns [B, N, D]."""
@@ -41,9 +46,29 @@ class Block(nnx.Module):
         qkv = constrain(qkv, "batch", "length", "heads", None, None)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         y = attention(q, k, v, mask, impl=self.attention_impl)
-        x = x + self.out(y.reshape(b, n, d))
-        h = constrain(gelu(self.fc1(self.ln2(x))), "batch", "length", "mlp")
-        return constrain(x + self.fc2(h), "batch", "length", "act_embed")
+        x = x + self.drop_attn(self.out(y.reshape(b, n, d)))
+        h = constrain(self.drop_hidden(GELU_FNS[self.gelu](self.fc1(self.ln2(x)))), "batch", "length", "mlp")
+        return constrain(x + self.drop_mlp(self.fc2(h)), "batch", "length", "act_embed")
+
+
+def configure_blocks(module: nnx.Module, *, gelu: str | None = None, dropout: float | None = None) -> None:
+    """Sets the GELU form (a GELUS name) of every Block in `module`, and the rate of every nnx.Dropout in it, in
+    place, before the module is split: both are static (part of the graph definition). None leaves one as it is."""
+    for _, m in module.iter_modules():
+        if gelu is not None and isinstance(m, Block):
+            m.gelu = gelu
+        if dropout is not None and isinstance(m, nnx.Dropout):
+            m.rate = float(dropout)
+
+
+def train_dropout(model: nnx.Module, key) -> None:
+    """Turns on, in place, every nnx.Dropout of `model` with a rate > 0, each with its own key folded from `key`
+    (jax.random key). For one training call on a model just merged from its parameters: the model built from the
+    same parameters for evaluation or export leaves dropout off (deterministic)."""
+    for i, (_, m) in enumerate(model.iter_modules()):
+        if isinstance(m, nnx.Dropout) and m.rate > 0:
+            m.deterministic = False
+            m.rngs = nnx.Rngs(dropout=jax.random.fold_in(key, i)).dropout
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cpu")
@@ -54,6 +79,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cpu")
 # step of bench/vs_pytorch.py is about 3 % faster on a 2-core CPU (0.97 of the step, alternating rounds), and XLA's
 # memory estimate of the paper step (bf16, 14 volumes) drops from 39.0 to 34.6 GiB (31.7 to 28.8 GiB with remat).
 gelu = jax.checkpoint(jax.nn.gelu)
+# model.gelu: "tanh" (above) or "erf", the exact GELU of torch's nn.GELU and BERT (recomputed the same way).
+GELU_FNS = {"tanh": gelu, "erf": jax.checkpoint(functools.partial(jax.nn.gelu, approximate=False))}
+GELUS = tuple(GELU_FNS)
 
 
 def attention(q, k, v, mask=None, impl: str = "auto"):
