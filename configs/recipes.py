@@ -30,7 +30,7 @@ REFERENCE = {
     "model.temperature.mode": "clamp",  # blip_pretrain.py:174, temp.clamp_(0.001, 0.5) under no_grad
     "train.grad_clip_norm": 0.0,  # the LAVIS runner does not clip
     "model.dtype": "float32",  # pretrain_ct.yaml: amp False
-    # eval.protocol: "public" is added here by the lead at the merge of the evaluation side (branch receval).
+    "eval.protocol": "public",  # eval.py:92-118, 143-160, 266: a window per anatomy, its prompts (docs/evaluation.md)
 }
 # The public code's heart mask also holds TotalSegmentator's left atrial appendage (class 61 of the v2 "total" table).
 REFERENCE_HEART_EXTRA = "atrial_appendage_left"

@@ -299,7 +299,7 @@ def test_recipe_resolution_explicit_keys_win():
     assert (cfg.model.dropout, cfg.model.gelu, cfg.model.temperature.mode, cfg.model.dtype) == (
         0.1, "erf", "clamp", "float32")
     assert cfg.prep.template_texts and cfg.prep.normal_from_impression and cfg.loss.skip_all_positive
-    assert not cfg.loss.disease_pairs
+    assert not cfg.loss.disease_pairs and cfg.eval.protocol == "public"
     assert cfg.prep.anatomies["heart"] == ["heart", "atrial_appendage_left"]
     assert list(cfg.prep.anatomies) == list(project.prep.anatomies)  # the order of the records and the model
 
