@@ -20,6 +20,7 @@ from flax import nnx
 
 from fvlm_jax import pretrained, sharding, stages, train_state
 from fvlm_jax.models import text as text_model
+from fvlm_jax.models.transformer import configure_blocks
 from fvlm_jax.models.vit3d import ViT3D
 from input_pipeline import tokenizer as tk
 
@@ -202,7 +203,7 @@ def vit2d_state_dict(torch, seed=0) -> dict:
 def vit2d_reference(torch, sd, img, heads):
     """The 2D ViT's block outputs and final norm on img [B, 3, H, W], written plainly in PyTorch (timm's Block:
     pre-LN, fused qkv rows [q|k|v][head][channel], LayerNorm eps 1e-6), without the class token: fVLM's 3D ViT has
-    none. GELU in its tanh form, as transformer.Block computes it (timm's is the erf form)."""
+    none. GELU in its exact (erf) form, as timm and MAE compute it (model.gelu="erf" here)."""
     import torch.nn.functional as F
 
     x = F.conv2d(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=VIT["patch"])
@@ -217,7 +218,7 @@ def vit2d_reference(torch, sd, img, heads):
         a = torch.softmax(q @ kk.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1) @ v
         x = x + F.linear(a.transpose(1, 2).reshape(b, n, d), sd[k + "attn.proj.weight"], sd[k + "attn.proj.bias"])
         h = F.layer_norm(x, (d,), sd[k + "norm2.weight"], sd[k + "norm2.bias"], eps=1e-6)
-        h = F.gelu(F.linear(h, sd[k + "mlp.fc1.weight"], sd[k + "mlp.fc1.bias"]), approximate="tanh")
+        h = F.gelu(F.linear(h, sd[k + "mlp.fc1.weight"], sd[k + "mlp.fc1.bias"]))
         x = x + F.linear(h, sd[k + "mlp.fc2.weight"], sd[k + "mlp.fc2.bias"])
         outs.append(x)
     outs.append(F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"], eps=1e-6))
@@ -259,7 +260,12 @@ def test_inflated_vit_equals_the_2d_model_on_one_patch_depth(vit_files, torch, k
 
     grey = np.random.default_rng(0).random((2, side, side), np.float32)
     volume = np.repeat(grey[:, None], 4, axis=1)  # [B, Z = one patch, Y, X], identical slices
-    got = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(abstract, volume))  # [levels, B, N, D]
+    def run(s, x):
+        model = nnx.merge(graphdef, s)
+        configure_blocks(model, gelu="erf")  # MAE's and timm's GELU (--config.model.gelu=erf)
+        return model(x)
+
+    got = np.asarray(jax.jit(run)(abstract, volume))  # [levels, B, N, D]
     want = vit2d_reference(torch, sd, torch.from_numpy(np.repeat(grey[:, None], 3, axis=1)), VIT["heads"])
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-4
