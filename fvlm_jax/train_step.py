@@ -109,6 +109,16 @@ def accumulated_value_and_grad(graphdef, params, batch: dict, method: str, loss_
     return (loss, {"per_anatomy": per_anatomy}), grads
 
 
+def apply_update(tx: optax.GradientTransformation, grads, opt_state, params: dict, clamp=None) -> tuple[dict, object]:
+    """(new parameters, new optimizer state) after one update; with `clamp` (cfg.model.temperature, mode "clamp") the
+    temperature is then put back into [min, max]."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if clamp is not None:
+        params = clamp_temperature(params, clamp)
+    return params, opt_state
+
+
 def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransformation, method: str,
                loss_cfg: ml_collections.ConfigDict, rules, width: int, num_micro: int = 1, mesh=None,
                batch_spec=None, lengths=None, dropout_seed: int | None = None,
@@ -135,10 +145,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransfor
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.
     with jax.named_scope("optimizer"):
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if clamp is not None:
-            params = clamp_temperature(params, clamp)
+        params, opt_state = apply_update(tx, grads, state["opt_state"], state["params"], clamp)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
                    **aux, "temperature": nnx.merge(graphdef, params).temp()}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -1,7 +1,6 @@
 """The reference recipe (configs/recipes.py): each point of the public fVLM code against a slow transcription of
 what that code does (alibaba-damo-academy/fvlm d768ec1; file:line in each test), and the recipe's resolution."""
 
-import functools
 import math
 
 import jax
@@ -12,8 +11,8 @@ import pytest
 from flax import nnx
 
 from configs import ct_rate, demo, recipes
-from fvlm_jax import losses, synthetic, train_state, train_step
-from fvlm_jax.models import fvlm, transformer
+from fvlm_jax import losses, train_state, train_step
+from fvlm_jax.models import transformer
 from fvlm_jax.models.fvlm import FVLM, AnatomyPool
 from input_pipeline import captions, prepare, report_split
 
@@ -241,24 +240,20 @@ class AddOne(optax.GradientTransformation):
                                lambda g, s, p=None: (jax.tree.map(jnp.ones_like, g), s))
 
 
-def test_reference_train_step_clamps_the_temperature_after_the_update():
-    """The reference recipe's step (dropout, erf GELU, clamp, no clipping): a temperature that the update takes out
-    of its range is put back in the parameters themselves."""
-    cfg = small_model_config("reference")
-    params = nnx.to_pure_dict(nnx.state(train_state.create_model(cfg, "fvlm"), nnx.Param))
-    graphdef = train_state.abstract_model(cfg, "fvlm")[0]
-    state = {"params": params, "opt_state": AddOne().init(params), "step": jnp.zeros((), jnp.int32)}
-    step = functools.partial(train_step.train_step, graphdef=graphdef, tx=AddOne(), method="fvlm", loss_cfg=cfg.loss,
-                             rules=tuple(cfg.sharding.rules), width=cfg.model.input_zyx[2], dropout_seed=0,
-                             clamp=cfg.model.temperature)
-    new, metrics = jax.jit(step)(state, synthetic.random_batch(cfg, 4, seed=0))
-    assert float(new["params"]["temperature"]) == pytest.approx(0.5)  # 0.07 + 1, put back to the maximum
-    assert float(new["params"]["pool"]["queries"][0, 0]) == pytest.approx(1.0)  # the other parameters moved
-    assert np.isfinite(float(metrics["loss"]))
-    past = train_state.create_model(small_model_config("project"), "fvlm")
-    assert float(past.temp()) == pytest.approx(0.07)
-    assert fvlm.clamp_temperature({"temperature": jnp.float32(1e-4)}, cfg.model.temperature)["temperature"] == (
-        pytest.approx(1e-3))
+@pytest.mark.parametrize("mode", ["clip", "clamp"])
+def test_temperature_clamped_after_the_update(mode):
+    """The train step's update (train_step.apply_update): a temperature that the update takes out of its range is
+    put back in the parameters themselves under "clamp", left there under "clip" (the forward pass clips it)."""
+    cfg = small_model_config("project")
+    cfg.model.temperature.mode = mode
+    params = {"temperature": jnp.float32(0.07), "w": jnp.zeros((2, 3))}
+    clamp = cfg.model.temperature if mode == "clamp" else None
+    new, _ = train_step.apply_update(AddOne(), params, AddOne().init(params), params, clamp)
+    assert float(new["temperature"]) == pytest.approx(0.5 if mode == "clamp" else 1.07)  # 0.07 + 1
+    np.testing.assert_array_equal(np.asarray(new["w"]), 1.0)  # the other parameters as the update leaves them
+    low = train_step.apply_update(optax.sgd(1.0), {"temperature": jnp.float32(1.0)}, optax.sgd(1.0).init(params),
+                                  {"temperature": jnp.float32(0.07)}, clamp)[0]["temperature"]
+    assert float(low) == pytest.approx(0.001 if mode == "clamp" else -0.93)
 
 
 @pytest.mark.parametrize("mode", ["clip", "clamp"])
