@@ -154,7 +154,8 @@ def results_table(results: dict) -> str:
                  + "".join(str(results[m]["step"]).rjust(col) for m in methods))
     for other, d in r0.get("mean_auc_difference", {}).items():
         lines.append(f"mean AUC {methods[0]} - {other}: {zero_shot.fmt_ci(d['estimate'], d['ci'])} (paired)")
-    lines.append("retrieval on the same scans: recall@1/5/10/50/100, mean rank")
+    if any(results[m]["retrieval"] for m in methods):  # none under eval.protocol="public" (eval.py has none)
+        lines.append("retrieval on the same scans: recall@1/5/10/50/100, mean rank")
     for m in methods:
         for emb in ("concatenated", "global"):
             if emb not in results[m]["retrieval"]:
