@@ -74,8 +74,10 @@ def run(mode: str) -> None:
                  jax.local_device_count(), jax.device_count())
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     # The recipe's switches, after the flags: a key given on the command line keeps its value.
-    recipes.resolve(cfg, config_flags.get_override_values(flags.FLAGS["config"]))
+    explicit = config_flags.get_override_values(flags.FLAGS["config"])
+    resolved = recipes.resolve(cfg, explicit)
     config_checks.validate(cfg)
+    log.info(recipes.describe(cfg.recipe, resolved, explicit))
     steps = {"prepare": stages.run_prepare, "train": stages.run_train, "eval": stages.run_eval,
              "export": stages.run_export}
     for name, fn in steps.items():

@@ -6,14 +6,11 @@ config file and variant. docs/method.md, "Two recipes", tables each point with t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import ml_collections
 
 from input_pipeline.totalseg_classes import CLASS_TABLES
-
-log = logging.getLogger(__name__)
 
 RECIPES = ("project", "reference")
 
@@ -70,6 +67,12 @@ def resolve(cfg: ml_collections.ConfigDict, explicit: Iterable[str] = ()) -> dic
             cfg.prep.anatomies = {**cfg.prep.anatomies, "heart": [*heart, REFERENCE_HEART_EXTRA]}
     resolved = {key: _get(cfg, key) for key in REFERENCE}
     resolved["prep.anatomies.heart"] = list(cfg.prep.anatomies.get("heart", ()))
-    log.info("recipe %s: %s", cfg.recipe, ", ".join(
-        f"{k}={v!r}" + (" (command line)" if k in explicit else "") for k, v in resolved.items()))
     return resolved
+
+
+def describe(recipe: str, resolved: dict, explicit: Iterable[str] = ()) -> str:
+    """One log line of `resolve`'s result (run.py logs it once the config is valid, so an invalid config still
+    ends in its one error line)."""
+    explicit = set(explicit)
+    return f"recipe {recipe}: " + ", ".join(
+        f"{k}={v!r}" + (" (command line)" if k in explicit else "") for k, v in resolved.items())
