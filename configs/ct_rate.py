@@ -117,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.init_learning_rate = 1e-6
     c.train.end_learning_rate = 1e-6
     c.train.warmup_steps = 377
+    c.loss.coteach_start_step = c.loss.coteach_ramp_steps = 377  # co-teaching mixes after the warm-up
     c.train.weight_decay = 0.01
     c.train.log_every = 50
     c.train.checkpoint_every = 500
