@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from test_losses import random_inputs, reference_anatomy_loss
 
-from fvlm_jax import losses, sharding, synthetic, train, train_state
+from fvlm_jax import losses, sharding, train, train_state
 from fvlm_jax.train_step import coteach_alpha
 
 
@@ -110,40 +110,28 @@ def coteach_config(start_step):
 
 
 @pytest.mark.slow
-def test_coteach_step_and_checkpoints(tmp_path):
-    """Before the start step (alpha 0) model A's step is exactly the plain step; the peer starts elsewhere and
-    moves too; with alpha 0.5 model A's loss changes. A checkpoint of the other kind is refused clearly."""
-    cfg = coteach_config(start_step=1)
+def test_the_peer_starts_elsewhere_and_checkpoints_of_the_other_kind_are_refused(tmp_path):
+    """The two-model step itself (alpha 0 gives the plain step; 8 devices equal 1) is checked in
+    tests/test_sharding.py's 8-device script, which compiles it once for both."""
+    cfg = coteach_config(start_step=0)
     mesh = sharding.make_mesh(cfg)
     co = train.Trainer(cfg, "fvlm", mesh)
-    plain_cfg = coteach_config(start_step=1)
+    plain_cfg = coteach_config(start_step=0)
     plain_cfg.loss.coteach = False
     plain = train.Trainer(plain_cfg, "fvlm", mesh)
     assert set(plain.state) == {"params", "opt_state", "step"} and set(co.state["peer"]) == {"params", "opt_state"}
-    fc1 = [p["vision"]["blocks"][0]["fc1"]["kernel"] for p in (co.state["params"], co.state["peer"]["params"])]
-    assert not np.array_equal(*fc1)  # another initialisation (biases and norms start equal)
-    peer_before = jax.tree.map(np.asarray, co.state["peer"]["params"])
-    batches = [synthetic.random_batch(cfg, 8, seed=s, packed=True) for s in range(2)]
-    m_co, m_plain = co.train_step(batches[0]), plain.train_step(batches[0])
-    assert float(m_co["coteach_alpha"]) == 0.0
-    for key in ("loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose(float(m_co[key]), float(m_plain[key]), rtol=1e-6, err_msg=key)
+    # Model A is the plain run's model; the peer has another initialisation (biases and norms start equal).
     for a, b in zip(jax.tree.leaves(co.state["params"]), jax.tree.leaves(plain.state["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(peer_before),
-                                                                    jax.tree.leaves(co.state["peer"]["params"])))
-    m_co, m_plain = co.train_step(batches[1]), plain.train_step(batches[1])
-    assert float(m_co["coteach_alpha"]) == 0.5
-    assert abs(float(m_co["loss"]) - float(m_plain["loss"])) > 1e-4
-    assert np.isfinite(float(m_co["peer_loss"]))
-
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fc1 = [p["vision"]["blocks"][0]["fc1"]["kernel"] for p in (co.state["params"], co.state["peer"]["params"])]
+    assert not np.array_equal(*fc1)
     for saver, loader, saved in ((plain, co, "a run without co-teaching"), (co, plain, "a co-teaching run")):
-        mngr = saver.checkpoint_manager(tmp_path / saver.cfg.loss.coteach.__repr__())
+        mngr = saver.checkpoint_manager(tmp_path / repr(saver.coteach))
         saver.save(mngr)
         mngr.wait_until_finished()
-        with pytest.raises(ValueError, match=f"checkpoint of step 2 in .* is of {saved} .* set loss.coteach"):
+        with pytest.raises(ValueError, match=f"checkpoint of step 0 in .* is of {saved} .* set loss.coteach"):
             loader.restore(loader.checkpoint_manager(mngr.directory))
-    assert co.restore(co.checkpoint_manager(tmp_path / "True")) and co.step == 2
+    assert co.restore(co.checkpoint_manager(tmp_path / "True")) and "peer" in co.state
 
 
 def test_coteach_is_fvlm_only_and_refuses_accumulation():
