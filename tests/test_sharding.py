@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
         metrics = [jax.device_get(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s, packed=True)))
                    for s in range(steps)]
         losses = [float(m["loss"]) for m in metrics]
-        scalars = {k: [float(m[k]) for m in metrics] for k in metrics[0] if np.ndim(m[k]) == 0}
+        scalars = {k: [float(x[k]) for x in metrics] for k, v in metrics[0].items() if np.ndim(v) == 0}
         return trainer, cfg, losses, scalars
 
     # The shard_map loss and its gradients equal the pure function's on every mesh (batch over data x fsdp).
