@@ -3,6 +3,7 @@
 No TensorFlow needed, so it runs unchanged on an accelerator host:
   python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4
   python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16   # ViT-B on 112x256x352 (--remat: compare)
+  python bench/train_step.py --preset=demo --batch=32 --steps=5 --coteach  # co-teaching's cost: time and memory ratios
 MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak x
 devices).
 The peak comes from --peak_tflops or, for known accelerators, from the device kind (H100/H200 bf16 dense: 989).
@@ -76,6 +77,10 @@ def main():
     ap.add_argument("--memory_only", action="store_true",
                     help="compile only and print XLA's memory analysis of the step (no run): checks what fits "
                          "on a device from any host")
+    ap.add_argument("--coteach", action="store_true",
+                    help="compare the co-teaching step (loss.coteach) with the plain one: step time on batches "
+                         "already on the device and XLA's memory analysis of each, and their ratios (with "
+                         "--memory_only: the memory analysis alone)")
     args = ap.parse_args()
     if args.memory_only:
         # XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one is closer to what the
@@ -114,9 +119,12 @@ def main():
     kind = dev.device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
-    trainer = train.Trainer(cfg, args.method, sharding.make_mesh(cfg))
     # The training input's form: packed labels and flips, finished on the device inside the step.
     batches = [synthetic.random_batch(cfg, args.batch, seed=i, packed=True) for i in range(2)]
+    if args.coteach:
+        compare_coteach(cfg, args, batches, kind)
+        return
+    trainer = train.Trainer(cfg, args.method, sharding.make_mesh(cfg))
     if args.memory_only:
         t0 = time.perf_counter()
         with jax.set_mesh(trainer.mesh):
@@ -211,6 +219,54 @@ def main():
                 metrics = trainer.step_on_device(batch)
             jax.block_until_ready(metrics)
         print(f"profile of 3 steps written under {args.profile} (python bench/trace_summary.py {args.profile})")
+
+
+def memory_gib(compiled) -> dict:
+    """XLA's memory analysis of a compiled step in GiB: arguments, temporaries and the peak estimate (arguments +
+    outputs - aliased + temporaries)."""
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"arguments": m.argument_size_in_bytes / 2**30, "temporaries": m.temp_size_in_bytes / 2**30,
+            "peak": peak / 2**30}
+
+
+def compare_coteach(cfg, args, batches, kind) -> None:
+    """Plain step vs the co-teaching step (fVLM) in one process: XLA's memory analysis of each compiled step and,
+    unless --memory_only, seconds per step on batches already on the device (the median of 3 passes of --steps
+    steps, after one untimed step), then the ratios."""
+    res = {}
+    for name, coteach in (("plain", False), ("co-teaching", True)):
+        c = cfg.copy_and_resolve_references()
+        c.loss.coteach = coteach
+        trainer = train.Trainer(c, "fvlm", sharding.make_mesh(c))
+        on_device = [trainer.global_batch(b) for b in batches]
+        t0 = time.perf_counter()
+        with jax.set_mesh(trainer.mesh):
+            compiled = trainer.step_fn.lower(trainer.state, on_device[0]).compile()
+        res[name] = {**memory_gib(compiled), "compile_s": time.perf_counter() - t0}
+        if not args.memory_only:
+            jax.block_until_ready(trainer.step_on_device(on_device[0]))
+            passes = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for i in range(args.steps):
+                    metrics = trainer.step_on_device(on_device[i % 2])
+                jax.block_until_ready(metrics)
+                passes.append((time.perf_counter() - t0) / args.steps)
+            res[name]["step_s"] = float(np.median(passes))
+            assert np.isfinite(float(metrics["loss"]))
+        del trainer, on_device, compiled
+    print(f"{kind} ({jax.default_backend()}) x {jax.device_count()}: preset {args.preset}, fVLM, batch {args.batch}, "
+          f"dtype {cfg.model.dtype}, remat {cfg.model.remat}; co-teaching vs plain step")
+    for name, r in res.items():
+        line = (f"{name}: XLA memory analysis per device: arguments {r['arguments']:.3f} GiB, temporaries "
+                f"{r['temporaries']:.3f} GiB, peak estimate {r['peak']:.3f} GiB; compiled in {r['compile_s']:.0f} s")
+        if "step_s" in r:
+            line += f"; step {r['step_s'] * 1e3:.1f} ms ({args.batch / r['step_s']:.1f} volumes/s)"
+        print(line)
+    a, b = res["co-teaching"], res["plain"]
+    print("ratio co-teaching / plain: " + ", ".join(
+        f"{k} {a[k] / b[k]:.2f}x" for k in ("step_s", "peak", "arguments", "temporaries") if k in a and b[k]))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.reconstructions = "one_per_epoch"  # the reference: one sample = one scan with a random reconstruction
     # Record files read at once. One reader thread bounds the stream at its speed (about 70 volumes/s on a 2-core
     # host), while one GPU trains about 300 volumes/s at the paper's size (docs/benchmarks.md). 4 cost about
-    # 0.75 GiB more host memory (bench/input_pipeline.py --threads 2 --pipelines ours_none,ours_none_parallel_reads).
+    # 0.75 GiB more host memory (bench/input_stream.py --threads 2 --pipelines ours_none,ours_none_parallel_reads).
     c.data.parallel_reads = 4
 
     c.prep.anatomies = ANATOMIES
@@ -117,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.init_learning_rate = 1e-6
     c.train.end_learning_rate = 1e-6
     c.train.warmup_steps = 377
+    c.loss.coteach_start_step = c.loss.coteach_ramp_steps = 377  # co-teaching mixes after the warm-up
     c.train.weight_decay = 0.01
     c.train.log_every = 50
     c.train.checkpoint_every = 500

@@ -141,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prep.text_len = 160
     c.prep.report_len = 256  # whole report for the CLIP baseline: p95 is 227 tokens
     # Volumes in the records: "none" = raw uint8 (fastest training input); "zlib" = smaller records (2.8x on the
-    # realistic volumes of bench/input_pipeline.py) at about 4x the decoding CPU time.
+    # realistic volumes of bench/input_stream.py) at about 4x the decoding CPU time.
     c.prep.volume_encoding = "none"
 
     c.model = ml_collections.ConfigDict()
@@ -197,6 +197,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "gspmd": the loss as one jitted function, XLA chooses the collectives. "shard_map": each device computes its
     # own rows against all-gathered embeddings (fvlm_jax.losses.sharded_anatomy_contrastive_loss).
     c.loss.impl = "gspmd"
+    # Co-teaching (the paper's; not in the public code; docs/method.md "Co-teaching"): fVLM trains a second model
+    # (seed + 1, its own flips and dropout) on the same batches; on the valid abnormal samples each model's targets
+    # become (1 - a) targets + a softmax(peer's similarities), the peer's without gradient. a is 0 before
+    # coteach_start_step (after the learning-rate warm-up, when the peer's similarities mean something), then rises
+    # linearly to coteach_alpha over coteach_ramp_steps. Evaluation and export use the first model.
+    c.loss.coteach = False
+    c.loss.coteach_alpha = 0.5  # the paper's
+    c.loss.coteach_start_step = 50  # this config's train.warmup_steps (configs/ct_rate.py: its own)
+    c.loss.coteach_ramp_steps = 50
 
     c.train = ml_collections.ConfigDict()
     c.train.methods = ("fvlm", "clip")  # mode=all trains each, same data and budget

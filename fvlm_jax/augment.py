@@ -4,7 +4,7 @@ The host (`input_pipeline.tfdata.train_batches`) crops the image exactly and the
 (`input_pipeline.label_packing`) to whole bytes, and draws the flips; `finish_on_device` then unpacks the labels,
 drops the `label_shift` leading voxels of each row and applies the flips to image and labels. Moving the flips and
 the unpacking to the accelerator is what lets the host pipeline stay near one copy per volume
-(bench/input_pipeline.py).
+(bench/input_stream.py).
 """
 
 from __future__ import annotations

@@ -29,33 +29,44 @@ from tqdm.auto import tqdm
 from fvlm_jax import checkpoint, sharding, text_lengths, train_log, train_state
 from fvlm_jax.models.fvlm import FVLM
 from fvlm_jax.prefetch import prefetch
-from fvlm_jax.train_step import train_step
+from fvlm_jax.train_step import coteach_train_step, train_step
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Holds the graph definition, the sharded state and the compiled step for one method."""
+    """Holds the graph definition, the sharded state and the compiled step for one method.
+
+    With loss.coteach (fVLM only; the CLIP baseline trains alone) the state also holds the peer model and the step
+    is `coteach_train_step`; `model()`, evaluation and export use model A (the state's "params")."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh):
         self.cfg, self.method, self.mesh = cfg, method, mesh
+        self.coteach = bool(cfg.loss.coteach) and method == "fvlm"
+        if self.coteach and cfg.train.grad_accum_steps > 1:
+            raise ValueError("loss.coteach=True does not support train.grad_accum_steps > 1 (the co-teaching step "
+                             "embeds the whole batch with both models): set one of them off")
         self.rules = tuple(cfg.sharding.rules)
         self.tx = train_state.make_optimizer(cfg)
         self.schedule = train_state.learning_rate_schedule(cfg)
-        self.graphdef, self.state_sharding = train_state.state_shardings(cfg, method, self.tx, mesh)
+        self.graphdef, self.state_sharding = train_state.state_shardings(cfg, method, self.tx, mesh, self.coteach)
         self.replicated = NamedSharding(mesh, P())
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
         with jax.set_mesh(mesh):
-            self.state = train_state.init_state(cfg, method, self.tx, self.state_sharding)
+            self.state = train_state.init_state(cfg, method, self.tx, self.state_sharding, self.coteach)
         # Tokens per anatomy text (model.text.anatomy_len; a percentile there is resolved by the stages).
         self.text_lengths = text_lengths.parse(cfg.model.text.anatomy_len, cfg.prep.anatomies, cfg.prep.text_len)
-        step = functools.partial(
-            train_step, graphdef=self.graphdef, tx=self.tx, method=method, loss_cfg=cfg.loss, rules=self.rules,
-            width=int(cfg.model.input_zyx[2]), num_micro=int(cfg.train.grad_accum_steps), mesh=mesh,
-            batch_spec=self.batch_spec, lengths=self.text_lengths,
-            dropout_seed=cfg.seed if cfg.model.dropout > 0 else None,
-            clamp=cfg.model.temperature if cfg.model.temperature.mode == "clamp" else None)
+        common = dict(graphdef=self.graphdef, tx=self.tx, loss_cfg=cfg.loss, rules=self.rules,
+                      width=int(cfg.model.input_zyx[2]), mesh=mesh, lengths=self.text_lengths,
+                      dropout_seed=cfg.seed if cfg.model.dropout > 0 else None,
+                      clamp=cfg.model.temperature if cfg.model.temperature.mode == "clamp" else None)
+        if self.coteach:
+            step = functools.partial(coteach_train_step, peer_seed=train_state.peer_seed(cfg),
+                                     flip_prob=float(cfg.train.flip_prob), **common)
+        else:
+            step = functools.partial(train_step, method=method, num_micro=int(cfg.train.grad_accum_steps),
+                                     batch_spec=self.batch_spec, **common)
         self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
@@ -100,7 +111,19 @@ class Trainer:
         return checkpoint.manager(directory, self.cfg.train.keep_checkpoints)
 
     def restore(self, mngr: ocp.CheckpointManager, step: int | None = None) -> bool:
-        """Restore the state of `step` (default: the latest) in place; False when there is no checkpoint."""
+        """Restore the state of `step` (default: the latest) in place; False when there is no checkpoint. A
+        checkpoint of the other kind (with or without the co-teaching peer) is refused with a clear error."""
+        step = mngr.latest_step() if step is None else step
+        if step is not None:
+            with ocp.CheckpointManager(mngr.directory, item_handlers=ocp.StandardCheckpointHandler()) as reader:
+                saved_peer = "peer" in reader.item_metadata(step).tree
+            if saved_peer != self.coteach:
+                def kind(peer):
+                    return "a co-teaching run (two models)" if peer else "a run without co-teaching (one model)"
+                raise ValueError(
+                    f"{self.method}: the checkpoint of step {step} in {mngr.directory} is of {kind(saved_peer)}, "
+                    f"but this run is {kind(self.coteach)} (loss.coteach={bool(self.cfg.loss.coteach)}): train in "
+                    "a new workdir, or set loss.coteach as the checkpoint's run had it")
         state = checkpoint.restore(mngr, self.state, step)
         if state is None:
             return False
@@ -205,7 +228,9 @@ def _train_loop(cfg, method, trainer, mngr, batches, start, total, anatomies, ba
             loss = float(metrics["loss"])
             # The updated parameters are checked too: a finite loss can still be followed by an overflowing update,
             # and that state must never become the "last good" checkpoint.
-            if not np.isfinite([loss, metrics["grad_norm"], metrics["param_norm"]]).all():
+            checked = [loss, metrics["grad_norm"], metrics["param_norm"]]
+            checked += [metrics[k] for k in ("peer_loss", "peer_grad_norm", "peer_param_norm") if k in metrics]
+            if not np.isfinite(checked).all():
                 mngr.wait_until_finished()
                 last = mngr.latest_step()
                 raise FloatingPointError(

@@ -55,25 +55,42 @@ def abstract_model(cfg: ml_collections.ConfigDict, method: str) -> tuple[nnx.Gra
     return nnx.split(nnx.eval_shape(lambda: create_model(cfg, method)), nnx.Param)
 
 
+def peer_seed(cfg: ml_collections.ConfigDict) -> int:
+    """The co-teaching peer's seed (its initialisation, flips and dropout masks): cfg.seed + 1."""
+    return int(cfg.seed) + 1
+
+
 def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh):
+                    mesh: jax.sharding.Mesh, coteach: bool = False):
     """(graph definition, NamedShardings of the plain training state). The optimizer moments carry their
-    parameter's logical axes in the Variable form, so they are split like their parameter."""
+    parameter's logical axes in the Variable form, so they are split like their parameter. coteach: the state also
+    holds the peer model, {"peer": {"params", "opt_state"}}, laid out as the first."""
     graphdef, params = abstract_model(cfg, method)
     variable_state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if coteach:
+        variable_state["peer"] = {"params": params, "opt_state": variable_state["opt_state"]}
     return graphdef, plain(sharding.state_shardings(variable_state, mesh, cfg.sharding.rules))
 
 
-def init_state(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation, shardings) -> dict:
+def init_state(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation, shardings,
+               coteach: bool = False) -> dict:
     """The initial training state, created inside `jax.jit` with `shardings` (so with fsdp > 1 it is never whole on
     one device), with the pretrained encoder weights of model.vision.init / model.text.init put in
-    (`pretrained.load_encoders`; cfg resolved by `pretrained.resolve`). Call it under `jax.set_mesh`."""
+    (`pretrained.load_encoders`; cfg resolved by `pretrained.resolve`). Call it under `jax.set_mesh`. coteach: also
+    the peer model, initialised from `peer_seed(cfg)` (the same pretrained weights put in), and its optimizer
+    state."""
     loaded, _ = pretrained.load_encoders(cfg)
 
     def init(loaded):
-        params = nnx.to_pure_dict(nnx.state(create_model(cfg, method), nnx.Param))
-        params = pretrained.merge(params, loaded)
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        def model_state(seed):
+            params = nnx.to_pure_dict(nnx.state(create_model(cfg, method, seed), nnx.Param))
+            params = pretrained.merge(params, loaded)
+            return {"params": params, "opt_state": tx.init(params)}
+
+        state = {**model_state(None), "step": jnp.zeros((), jnp.int32)}
+        if coteach:
+            state["peer"] = model_state(peer_seed(cfg))
+        return state
 
     return jax.jit(init, out_shardings=shardings)(loaded)

@@ -28,9 +28,10 @@ def embed(model: FVLM, batch: dict, method: str, lengths=None):
     return img, txt, intact
 
 
-def loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh):
+def loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg, mesh, peer=None):
     """The contrastive loss of the global batch from its embeddings ([B, A, E] each). Returns (loss, per-anatomy
-    losses [A]; empty for CLIP)."""
+    losses [A]; empty for CLIP). peer: None, or the co-teaching peer's (img, txt, temperature, alpha) of the same
+    samples (fVLM only)."""
     with jax.named_scope("loss"):
         if method == "clip":
             return losses.clip_loss(img[:, 0], txt, temperature=temperature), jnp.zeros((0,))
@@ -40,6 +41,10 @@ def loss_from_embeddings(img, txt, intact, temperature, batch, method, loss_cfg,
                   disease_pairs=loss_cfg.disease_pairs, skip_all_positive=loss_cfg.skip_all_positive,
                   return_per_anatomy=True)
         img, txt = jnp.swapaxes(img, 0, 1), jnp.swapaxes(txt, 0, 1)
+        if peer is not None:
+            p_img, p_txt, p_temp, alpha = peer
+            kw.update(peer_img=jnp.swapaxes(p_img, 0, 1), peer_txt=jnp.swapaxes(p_txt, 0, 1), peer_temperature=p_temp,
+                      coteach_alpha=alpha)
         if loss_cfg.impl == "shard_map" and mesh is not None:
             return losses.sharded_anatomy_contrastive_loss(img, txt, mesh=mesh, **kw)
         return losses.anatomy_contrastive_loss(img, txt, **kw)
@@ -129,7 +134,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransfor
     keys, one per step (folded with the step, so a resumed run draws the same masks). clamp: None, or
     cfg.model.temperature when its mode is "clamp" (the temperature is put back into range after the update).
     Returns (new state, metrics: loss, per_anatomy [A], grad_norm, param_norm, temperature)."""
-    dropout_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+    dropout_key = step_key(dropout_seed, state["step"])
     with sharding.axis_rules(rules):
         if "labels_packed" in batch:
             with jax.named_scope("augment"):
@@ -145,7 +150,79 @@ def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransfor
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # One scope for the update and the norms logged with it: XLA fuses them into the same kernels.
     with jax.named_scope("optimizer"):
-        params, opt_state = apply_update(tx, grads, state["opt_state"], state["params"], clamp)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-                   **aux, "temperature": nnx.merge(graphdef, params).temp()}
+        params, opt_state, norms = update(state["params"], state["opt_state"], grads, graphdef, tx, clamp)
+        metrics = {"loss": loss, "grad_norm": norms["grad_norm"], "param_norm": norms["param_norm"], **aux,
+                   "temperature": norms["temperature"]}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def step_key(seed: int | None, step):
+    """The random key of `step` drawn from `seed` (None when seed is None)."""
+    return None if seed is None else jax.random.fold_in(jax.random.key(seed), step)
+
+
+def update(params, opt_state, grads, graphdef, tx: optax.GradientTransformation, clamp):
+    """One optimizer update of one model. Returns (params, opt_state, {grad_norm, param_norm, temperature})."""
+    params, opt_state = apply_update(tx, grads, opt_state, params, clamp)
+    return params, opt_state, {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                               "temperature": nnx.merge(graphdef, params).temp()}
+
+
+def coteach_alpha(loss_cfg: ml_collections.ConfigDict, step):
+    """The co-teaching weight of the step that starts at `step` completed steps: 0 before
+    loss.coteach_start_step, then a linear ramp reaching loss.coteach_alpha after loss.coteach_ramp_steps steps
+    (0 or 1: at once)."""
+    ramp = max(int(loss_cfg.coteach_ramp_steps), 1)
+    frac = jnp.clip((step - int(loss_cfg.coteach_start_step) + 1) / ramp, 0.0, 1.0)
+    return float(loss_cfg.coteach_alpha) * frac.astype(jnp.float32)
+
+
+
+
+def coteach_train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransformation,
+                       loss_cfg: ml_collections.ConfigDict, rules, width: int, peer_seed: int, flip_prob: float,
+                       mesh=None, lengths=None, dropout_seed: int | None = None, clamp=None) -> tuple[dict, dict]:
+    """One co-teaching step of fVLM (loss.coteach): both models of `state` (model A in "params"/"opt_state", its
+    peer B in state["peer"]) see the same samples of `batch`; B sees them with its own flips (drawn from
+    `peer_seed`, packed training batches only) and dropout masks. Each model's loss mixes the abnormal samples'
+    targets with the other's similarities (no gradient through them, weight `coteach_alpha(loss_cfg, step)`), and
+    each model takes its own optimizer update. Arguments as `train_step`. Returns (new state, metrics): model A's
+    metrics under `train_step`'s names, and peer_loss, peer_grad_norm, peer_param_norm, coteach_alpha."""
+    step = state["step"]
+    alpha = coteach_alpha(loss_cfg, step)
+    # The peer's randomness of this step (the same draws on any mesh, and again after a resume): its flips, and its
+    # dropout masks when the model has dropout.
+    peer_key = step_key(peer_seed, step)
+    keys = {"a": step_key(dropout_seed, step), "b": None if dropout_seed is None else jax.random.fold_in(peer_key, 1)}
+    with sharding.axis_rules(rules):
+        batches = {"a": batch, "b": batch}
+        if "labels_packed" in batch:
+            flips = jax.random.bernoulli(jax.random.fold_in(peer_key, 0), flip_prob, batch["flip"].shape)
+            with jax.named_scope("augment"):
+                batches = {"a": augment.finish_on_device(batch, width),
+                           "b": augment.finish_on_device({**batch, "flip": flips}, width)}
+
+        def loss_fn(params):
+            emb = {}
+            for m in ("a", "b"):
+                model = training_model(graphdef, params[m], keys[m])
+                emb[m] = (*embed(model, batches[m], "fvlm", lengths), model.temp())
+            out = {}
+            for m, peer in (("a", "b"), ("b", "a")):  # the peer's part is under stop_gradient in the loss
+                img, txt, intact, temp = emb[m]
+                out[m] = loss_from_embeddings(img, txt, intact, temp, batches[m], "fvlm", loss_cfg, mesh,
+                                              peer=(emb[peer][0], emb[peer][1], emb[peer][3], alpha))
+            return out["a"][0] + out["b"][0], out
+
+        both = {"a": state["params"], "b": state["peer"]["params"]}
+        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(both)
+    with jax.named_scope("optimizer"):
+        params, opt_state, norms = update(state["params"], state["opt_state"], grads["a"], graphdef, tx, clamp)
+        peer_params, peer_opt, peer_norms = update(state["peer"]["params"], state["peer"]["opt_state"], grads["b"],
+                                                   graphdef, tx, clamp)
+    metrics = {"loss": out["a"][0], "grad_norm": norms["grad_norm"], "param_norm": norms["param_norm"],
+               "per_anatomy": out["a"][1], "temperature": norms["temperature"], "peer_loss": out["b"][0],
+               "peer_grad_norm": peer_norms["grad_norm"], "peer_param_norm": peer_norms["param_norm"],
+               "coteach_alpha": alpha}
+    return {"params": params, "opt_state": opt_state, "step": step + 1,
+            "peer": {"params": peer_params, "opt_state": peer_opt}}, metrics

@@ -28,17 +28,21 @@ SCRIPT = textwrap.dedent("""
     from configs import demo
     from fvlm_jax import sharding, synthetic, train
 
-    def run(method, mesh, impl="gspmd", accum=1, steps=2):
+    def run(method, mesh, impl="gspmd", accum=1, steps=2, coteach=False):
         cfg = demo.get_config("tiny")
         # One block per encoder: sharding is the same in every block, and compiling 8-device programs is the cost.
         cfg.model.vision.depth = cfg.model.text.depth = 1
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
         cfg.loss.impl, cfg.train.grad_accum_steps = impl, accum
+        # Co-teaching: plain targets in the first step (alpha 0), the peer's similarities mixed in from the second.
+        cfg.loss.update(coteach=coteach, coteach_start_step=1, coteach_ramp_steps=0)
         trainer = train.Trainer(cfg, method, sharding.make_mesh(cfg))
         # The training input's form: packed labels and flips, finished on the device inside the sharded step.
-        losses = [float(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s, packed=True))["loss"])
-                  for s in range(steps)]
-        return trainer, cfg, losses
+        metrics = [jax.device_get(trainer.train_step(synthetic.random_batch(cfg, 8, seed=s, packed=True)))
+                   for s in range(steps)]
+        losses = [float(m["loss"]) for m in metrics]
+        scalars = {k: [float(x[k]) for x in metrics] for k, v in metrics[0].items() if np.ndim(v) == 0}
+        return trainer, cfg, losses, scalars
 
     # The shard_map loss and its gradients equal the pure function's on every mesh (batch over data x fsdp).
     import jax.numpy as jnp
@@ -52,6 +56,9 @@ SCRIPT = textwrap.dedent("""
     meta = dict(valid=rng.random((3, 16)) < 0.8, normal=normal, text_id=text_id,
                 disease=(rng.random((3, 16, 4)) < 0.5) & ~normal[..., None], temperature=0.1, skip_all_positive=True)
     ref = jax.value_and_grad(lambda i, t: losses.anatomy_contrastive_loss(i, t, **meta), argnums=(0, 1))(*emb)
+    peer = dict(peer_img=emb[1][:, ::-1], peer_txt=emb[0], peer_temperature=0.2, coteach_alpha=0.5)
+    co_ref = jax.value_and_grad(lambda i, t: losses.anatomy_contrastive_loss(i, t, **meta, **peer),
+                                argnums=(0, 1))(*emb)
     grad_err = {}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
         m = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -60,17 +67,24 @@ SCRIPT = textwrap.dedent("""
                 i, t, mesh=m, **meta), argnums=(0, 1)))(*emb)
         np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-6)
         grad_err[str(shape)] = max(float(jnp.abs(a - b).max()) for a, b in zip(got[1], ref[1]))
+        with jax.set_mesh(m):  # with a co-teaching peer's embeddings (split and gathered like the model's)
+            got = jax.jit(jax.value_and_grad(lambda i, t, m=m: losses.sharded_anatomy_contrastive_loss(
+                i, t, mesh=m, **meta, **peer), argnums=(0, 1)))(*emb)
+        np.testing.assert_allclose(float(got[0]), float(co_ref[0]), rtol=1e-6)
+        grad_err[f"coteach {shape}"] = max(float(jnp.abs(a - b).max()) for a, b in zip(got[1], co_ref[1]))
     assert max(grad_err.values()) < 1e-5, grad_err
 
     # The train step on data x fsdp and on every axis split (the shard_map loss is checked on all three shapes
     # above, and test_state_is_born_sharded lays the state out on 8 x 1 x 1), gradient accumulation, the CLIP
     # baseline.
-    out, specs = {}, {}
+    out, specs, scalars = {}, {}, {}
     for method, mesh, impl, accum in [
             ("fvlm", (1, 1, 1), "gspmd", 1), ("fvlm", (2, 4, 1), "shard_map", 1), ("fvlm", (2, 2, 2), "gspmd", 2),
             ("clip", (1, 1, 1), "gspmd", 1), ("clip", (2, 2, 2), "gspmd", 1)]:
-        trainer, cfg, losses = run(method, mesh, impl, accum)
+        trainer, cfg, losses, metrics = run(method, mesh, impl, accum)
         out[f"{method} {mesh} {impl} {accum}"] = losses
+        if (method, mesh) == ("fvlm", (1, 1, 1)):
+            scalars["plain"] = metrics
         if method == "fvlm":
             p = trainer.state["params"]
             fc1, mu = p["vision"]["blocks"][0]["fc1"]["kernel"], trainer.state["opt_state"][1][0].mu
@@ -78,6 +92,10 @@ SCRIPT = textwrap.dedent("""
                                 list(fc1.shape), str(mu["vision"]["blocks"][0]["fc1"]["kernel"].sharding.spec)]
         if (method, mesh) == ("fvlm", (2, 2, 2)):
             two = trainer
+    # Co-teaching: both models' metrics over two steps (the peer's flips drawn on the device) on one device and on
+    # data x fsdp x tensor with the shard_map loss.
+    for mesh, impl in [((1, 1, 1), "gspmd"), ((2, 2, 2), "shard_map")]:
+        scalars[f"coteach {mesh}"] = run("fvlm", mesh, impl, coteach=True)[3]
     # Pure data parallel (8 x 1 x 1), laid out without compiling a step: each device holds the whole weight.
     from fvlm_jax import train_state
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 8, 1, 1
@@ -127,7 +145,7 @@ SCRIPT = textwrap.dedent("""
     export.export(two.model(), "fvlm", cfg, out_dir + "/tok.model", CLASS_TABLES[cfg.prep.class_table],
                   out_dir + "/export")
     np.savez(out_dir + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
-    print("RESULT", json.dumps({"losses": out, "specs": specs}))
+    print("RESULT", json.dumps({"losses": out, "specs": specs, "scalars": scalars}))
 """)
 
 
@@ -153,6 +171,23 @@ def test_meshes_give_the_one_device_losses(eight_device_run):
             if key.startswith(method):
                 np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5, err_msg=key)
     assert len([k for k in out if k.startswith("fvlm")]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("eight_device_run")  # one worker runs the module fixture once
+def test_coteach_on_a_mesh_gives_the_one_device_step(eight_device_run):
+    """Co-teaching (loss.coteach), two steps: in the first (alpha 0) model A's step is the plain step (loss, and
+    gradient and parameter norms after the update); both models' metrics on 2 x 2 x 2 with the shard_map loss equal
+    one device's (the mixed loss and its gradients alone: the script's loss check on every mesh)."""
+    scalars = eight_device_run["scalars"]
+    ref, got, plain = scalars["coteach (1, 1, 1)"], scalars["coteach (2, 2, 2)"], scalars["plain"]
+    assert ref["coteach_alpha"] == [0.0, 0.5]
+    for key in ("loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(ref[key][0], plain[key][0], rtol=1e-6, err_msg=key)
+    assert ref["peer_loss"][0] != ref["loss"][0]  # another initialisation and other flips
+    assert set(ref) == set(got) and len(ref) == 8
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=3e-5, atol=3e-5, err_msg=key)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """tf.data training input throughput at the paper's resolution (112 x 256 x 352), ours vs a naive int16 pipeline.
 
-Run: python bench/input_pipeline.py [--k 16] [--volumes 100]
+Run: python bench/input_stream.py [--k 16] [--volumes 100]
 
 Writes K prepared examples (uint8 image + 4-bit packed labels of 4 anatomies, smooth body with anatomy boxes and a
 little noise so zlib sees a realistic ratio) through `records.ShardedWriter` / `records.write_metadata`, then
