@@ -175,3 +175,11 @@ def test_private_use_checker_sees_both_forms(tmp_path):
     f.write_text("from fvlm_jax import train\nfrom fvlm_jax.train import _hidden\ntrain._loop()\ntrain.__name__\n")
     found = private_uses(f, {"fvlm_jax", "fvlm_jax.train"})
     assert len(found) == 2 and "_hidden" in found[0] and "fvlm_jax.train._loop" in found[1]
+
+
+def test_no_bench_script_hides_a_package():
+    """`python bench/x.py` puts bench/ first on sys.path: a bench/input_pipeline.py would be imported instead of the
+    input_pipeline package (configs/demo.py imports it), breaking every bench script."""
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages >= {"fvlm_jax", "input_pipeline", "configs"}
+    assert not {p.stem for p in (ROOT / "bench").glob("*.py")} & packages
