@@ -1,7 +1,7 @@
 """Train-step benchmark on synthetic in-memory batches: step time, volumes/s, model FLOP/s and MFU.
 
 No TensorFlow needed, so it runs unchanged on an accelerator host:
-  python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4
+  python bench/train_step.py --preset=small            # width 256, 4 layers, 256 tokens, batch 4 (tiny: the tests')
   python bench/train_step.py --preset=paper --batch=14 --dtype=bfloat16   # ViT-B on 112x256x352 (--remat: compare)
   python bench/train_step.py --preset=demo --batch=32 --steps=5 --coteach  # co-teaching's cost: time and memory ratios
 MFU = analytic model FLOPs per step (fvlm_jax.flops, vision + text, forward and backward) / (step time x peak x
@@ -29,8 +29,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "T
 
 
 def preset_config(name: str):
-    if name == "demo":
-        return demo.get_config()
+    if name in ("demo", "tiny"):  # tiny: configs/demo.py:tiny, the tests' config (the script's own smoke test)
+        return demo.get_config("tiny" if name == "tiny" else None)
     cfg = ct_rate.get_config()
     if name == "small":  # the issue's CPU comparison size
         cfg.model.input_zyx = (32, 64, 64)
@@ -43,7 +43,7 @@ def preset_config(name: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=("small", "demo", "paper"), default="small")
+    ap.add_argument("--preset", choices=("tiny", "small", "demo", "paper"), default="small")
     ap.add_argument("--method", choices=METHODS, default="fvlm")
     ap.add_argument("--batch", type=int, default=4, help="global batch")
     ap.add_argument("--steps", type=int, default=10)
