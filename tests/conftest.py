@@ -69,7 +69,10 @@ def prepared_demo(tmp_path_factory):
     with open(root / "prepared_demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (workdir / "PREPARED").exists():
-            run_cli(workdir, "--mode=prepare")
+            # In this process, as `run.py --mode=prepare` would (the CLI tests run that command themselves).
+            from fvlm_jax import stages
+
+            stages.run_prepare(tiny_config(), str(workdir))
             (workdir / "PREPARED").touch()
     return workdir
 
