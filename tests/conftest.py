@@ -61,7 +61,8 @@ def run_cli(workdir, *args, timeout=900):
 def prepared_demo(tmp_path_factory):
     """A workdir with the tiny demo data set generated and prepared (records, tokenizer, manifest), made once per
     run: pytest-xdist workers share it (the first to ask prepares it, under a lock). Tests read its records and
-    tokenizer; only test_end_to_end trains and evaluates in it."""
+    tokenizer; a test that trains in it, or runs prepare again (--mode=all does), works in a copy: prepare rewrites
+    the records that other tests read at the same time."""
     root = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:  # each worker's base folder sits in the run's common one
         root = root.parent

@@ -15,10 +15,15 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_train_eval_export_and_resume(prepared_demo):
+def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     """Two CLI runs: --mode=train (4 steps), then --mode=all with 6 steps, which finds the records prepared,
     resumes both trainings, evaluates (checkpoint chosen on valid among steps 2, 4, 6) and exports."""
-    workdir = prepared_demo
+    import shutil
+
+    # A copy of the shared workdir (raw data and records): --mode=all runs prepare again, which rewrites the records
+    # that other tests read at the same time.
+    workdir = tmp_path / "demo"
+    shutil.copytree(prepared_demo, workdir)
     run_cli(workdir, "--mode=train")
     fvlm_log = _metrics(workdir / "train" / "metrics.jsonl")
     assert [r["step"] for r in fvlm_log] == [1, 2, 3, 4]
