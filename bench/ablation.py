@@ -281,6 +281,8 @@ def train_bert(reports: list[str], folder: Path, *, seed: int = 0, steps: int = 
     from tokenizers import BertWordPieceTokenizer
 
     t0 = time.perf_counter()
+    # One thread: on the 2 shared cores (load ~6) a step took 0.2-3 s with torch's 2 threads, 0.15 s with one.
+    torch.set_num_threads(1)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -406,11 +408,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="issue", help='"issue" (default), "recipe", "all" or row ids, comma separated')
     ap.add_argument("--seeds", default="0,1,2", help="the runs' `seed` values (init, data order, flips)")
     ap.add_argument("--modes", default="free,templates", help="free, templates or both")
-    ap.add_argument("--steps", type=int, default=200, help="training steps per run (the demo trains 700)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per run (the demo trains 700)")
     ap.add_argument("--config", default="configs/demo.py", help="config file[:variant]; configs/demo.py:tiny smokes")
     ap.add_argument("--data_seed", type=int, default=0, help="the demo data's seed, the same for every run")
     ap.add_argument("--bert_steps", type=int, default=400, help="masked-LM steps of the bert row's BERT")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at a time (2 on 2 cores: docs/benchmarks.md)")
     ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--table_only", action="store_true", help="write the table of the runs done so far, run nothing")
     args = ap.parse_args(argv)
