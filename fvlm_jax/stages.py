@@ -34,8 +34,8 @@ def run_prepare(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         raw = os.path.join(workdir, "raw")
         done = os.path.join(raw, "DONE")
         params = {"num_train": cfg.data.num_train, "num_valid": cfg.data.num_valid, "num_test": cfg.data.num_test,
-                  "seed": cfg.seed}
-        if read_json(done) != params:  # missing, or generated with other counts or seed
+                  "seed": cfg.seed, "templates": cfg.data.demo_templates}
+        if read_json(done) != params:  # missing, or generated with other counts, seed or report mode
             if os.path.exists(raw):
                 shutil.rmtree(raw)
             log.info("generating the demo data set in %s", raw)

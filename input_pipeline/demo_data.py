@@ -146,13 +146,15 @@ def _jitter(rng, scale):
     return rng.normal(0.0, scale, 3).clip(-2 * scale, 2 * scale)
 
 
-def generate_case(rng: np.random.Generator) -> dict:
+def generate_case(rng: np.random.Generator, templates: bool = False) -> dict:
     """Draws one phantom in memory.
 
     Returns a dict with "image" (int16 HU [X, Y, Z] in RAS voxel order), "seg" (uint8 TotalSegmentator v2 ids,
     same grid), "affine" (4x4 RAS voxel-to-world, mm), "truth" ({anatomy: sorted list of disease names}),
     "findings" and "impression" (report text), "orientation" ("RAS" or "LPS": how the writer stores it),
     "contrast" (bool) and "details" (per-disease measurements used by the report).
+    templates: the findings describe every normal anatomy with the one fixed sentence `template_sentence`, as
+    CT-RATE's texts do in the public code (`_write_report`); the same random draws, so only that text differs.
     """
     healthy = rng.random() < _HEALTHY_FRACTION
     wanted = {a: [d for d in ds if not healthy and rng.random() < _DISEASE_P] for a, ds in DISEASES.items()}
@@ -428,7 +430,7 @@ def generate_case(rng: np.random.Generator) -> dict:
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
     truth = {a: sorted(v) for a, v in truth.items()}
-    findings, impression = _write_report(rng, truth, details)
+    findings, impression = _write_report(rng, truth, details, templates)
     return {"image": image, "seg": seg, "affine": affine, "truth": truth, "findings": findings,
             "impression": impression, "orientation": "LPS" if rng.random() < 0.5 else "RAS", "contrast": contrast,
             "details": details}
@@ -477,8 +479,10 @@ def _side_words(sides):
     return "bilateral" if len(sides) == 2 else sides[0]
 
 
-def _disease_sentence(rng, disease, det) -> tuple[str, str]:
-    """(findings sentence, impression phrase) for one present disease."""
+def _disease_sentence(rng, disease, det, templates: bool = False) -> tuple[str, str]:
+    """(findings sentence, impression phrase) for one present disease. templates: no sentence names a second
+    anatomy (the steatosis sentence leaves out its comparison with the spleen), so that a normal anatomy's text is
+    its template sentence alone."""
     def pick(options):
         return str(options[int(rng.integers(len(options)))])
 
@@ -557,7 +561,8 @@ def _disease_sentence(rng, disease, det) -> tuple[str, str]:
     if disease == "Hepatic steatosis":
         text = pick(["Diffusely decreased attenuation of the liver, consistent with hepatic steatosis.",
                      f"Fatty infiltration of the liver (approx. {det['hu']} HU).",
-                     "The liver is hypodense relative to the spleen, in keeping with steatosis."])
+                     "The liver is hypodense" + ("" if templates else " relative to the spleen")
+                     + ", in keeping with steatosis."])
         return text, "Hepatic steatosis."
     if disease == "Splenomegaly":
         text = pick([f"Splenomegaly, with the spleen measuring {det['length_cm']} cm craniocaudally.",
@@ -573,15 +578,39 @@ def _disease_sentence(rng, disease, det) -> tuple[str, str]:
     raise ValueError(disease)
 
 
-def _write_report(rng, truth, details) -> tuple[str, str]:
-    """Findings and impression text consistent with `truth` (varied phrasing, negations, omissions)."""
+def template_sentence(anatomy: str) -> str:
+    """The one sentence that describes a normal anatomy in the template mode (data.demo_templates)."""
+    return f"{anatomy.capitalize()} shows no significant abnormalities."
+
+
+def _templated(items, truth) -> list[tuple[str, str]]:
+    """The findings' (anatomy, sentence) items with each normal anatomy's sentences replaced, where its first one
+    stood, by its template sentence (the merged "abdomen" sentence by the liver's, spleen's and kidney's)."""
+    out, done = [], set()
+    for anatomy, sentence in items:
+        normal = ["liver", "spleen", "kidney"] if anatomy == "abdomen" else (
+            [anatomy] if anatomy in truth and not truth[anatomy] else [])
+        if not normal:
+            out.append((anatomy, sentence))
+        elif anatomy not in done:
+            out += [(a, template_sentence(a)) for a in normal]
+            done.add(anatomy)
+    return out
+
+
+def _write_report(rng, truth, details, templates: bool = False) -> tuple[str, str]:
+    """Findings and impression text consistent with `truth` (varied phrasing, negations, omissions).
+
+    templates: each normal anatomy the findings describe is described by `template_sentence` alone (its negations
+    go too); the report's structure (which anatomies it describes, their order) and every random draw stay those of
+    the default mode."""
     per_anatomy: dict[str, list[str]] = {}
     impressions = []
     for anatomy in ANATOMIES:
         present = truth[anatomy]
         sentences = []
         for disease in present:
-            text, imp = _disease_sentence(rng, disease, details.get(disease, {}))
+            text, imp = _disease_sentence(rng, disease, details.get(disease, {}), templates)
             sentences.append(text)
             impressions.append(imp)
         if not present:
@@ -604,11 +633,13 @@ def _write_report(rng, truth, details) -> tuple[str, str]:
     rng.shuffle(belly)
     extra = ["Trachea and main bronchi are patent.", "No mediastinal lymphadenopathy.",
              "Degenerative changes of the thoracic spine."]
-    sentences = [s for a in thorax for s in per_anatomy[a]]
+    items = [(a, s) for a in thorax for s in per_anatomy[a]]  # (anatomy, sentence)
     if rng.random() < 0.5:
-        sentences.insert(int(rng.integers(len(sentences) + 1)), str(rng.choice(extra)))
-    sentences += [s for a in belly for s in per_anatomy[a]]
-    findings = " ".join(sentences)
+        items.insert(int(rng.integers(len(items) + 1)), ("", str(rng.choice(extra))))
+    items += [(a, s) for a in belly for s in per_anatomy[a]]
+    if templates:
+        items = _templated(items, truth)
+    findings = " ".join(s for _, s in items)
     if impressions:
         if len(impressions) > 1 and rng.random() < 0.5:
             impression = " ".join(f"{i + 1}. {t}" for i, t in enumerate(impressions))
@@ -664,11 +695,13 @@ def _write_csv(path, rows, columns):
 
 
 def generate_demo_dataset(out_dir: str, *, num_train: int = 480, num_valid: int = 96, num_test: int = 192,
-                          seed: int = 0, progress: bool = True) -> dict:
+                          seed: int = 0, templates: bool = False, progress: bool = True) -> dict:
     """Writes the demo data set under `out_dir` in CT-RATE layout plus TotalSegmentator masks.
 
     Returns {"root": out_dir, "splits": {split: number of scans}}. Deterministic given `seed`: each case is
     drawn from its own generator seeded by (seed, split, index), so a case does not depend on the other counts.
+    templates: normal anatomies' findings are their template sentences (`generate_case`); every other file is the
+    same as without.
     """
     from tqdm import tqdm
 
@@ -683,7 +716,7 @@ def generate_demo_dataset(out_dir: str, *, num_train: int = 480, num_valid: int 
         reports, labels, metadata = [], [], []
         for i in range(1, n + 1):
             rng = np.random.default_rng([seed, code, i])
-            case = generate_case(rng)
+            case = generate_case(rng, templates)
             name = f"{split}_{i}_a_1.nii.gz"
             scan_dir = os.path.join(out_dir, "dataset", split, f"{split}_{i}", f"{split}_{i}_a")
             os.makedirs(scan_dir, exist_ok=True)

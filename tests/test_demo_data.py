@@ -180,3 +180,49 @@ def test_each_disease_visible_to_a_simple_supervised_model(cases):
             model.fit(x[:n_train], y[:n_train])
             auc = roc_auc_score(y[n_train:], model.predict_proba(x[n_train:])[:, 1])
             assert auc >= 0.9, (anatomy, disease, auc)
+
+
+def test_template_mode_changes_only_normal_anatomies_texts(dataset, tmp_path):
+    """data.demo_templates: every described normal anatomy's text, as the shipped splitter and the public code's
+    captions make it from the report, is the one template sentence, flagged normal; labels, metadata, impressions and
+    images are those of the default mode."""
+    from configs import demo
+    from input_pipeline import captions, report_split
+
+    templated = dd.generate_demo_dataset(str(tmp_path), seed=3, templates=True, progress=False, **_COUNTS)
+    lexicon, vocabulary = report_split.configured_vocabulary(demo.get_config().prep)
+    project, reference = {}, {}  # anatomy -> set of normal texts over the scans
+    n_normal = 0
+    for t, lab, code in _NAMES.values():
+        for folder, pattern in _TABLES[1:]:
+            name = os.path.join(folder, pattern.format(t=t, lab=lab))
+            assert filecmp.cmp(os.path.join(dataset["root"], name), os.path.join(templated["root"], name),
+                               shallow=False)
+        default = _read_csv(os.path.join(dataset["root"], "radiology_text_reports", f"{t}_reports.csv"))
+        reports = _read_csv(os.path.join(templated["root"], "radiology_text_reports", f"{t}_reports.csv"))
+        assert [r["Impressions_EN"] for r in reports] == [r["Impressions_EN"] for r in default]
+        for i, report in enumerate(reports, 1):
+            case = dd.generate_case(np.random.default_rng([3, code, i]), templates=True)
+            assert report["Findings_EN"] == case["findings"]
+            split_parts = report_split.split_report(report["Findings_EN"], report["Impressions_EN"], lexicon,
+                                                    vocabulary)
+            public = captions.anatomy_texts(
+                report_split.split_report(report["Findings_EN"], "", lexicon, vocabulary),
+                report_split.split_report("", report["Impressions_EN"], lexicon, vocabulary), dd.ANATOMIES,
+                template_texts=True, normal_from_impression=True)
+            for anatomy, truth in case["truth"].items():
+                if truth:  # abnormal: its diseases are still read from its own sentences
+                    assert set(truth) <= set(split_parts[anatomy].diseases) and not split_parts[anatomy].normal
+                    continue
+                if anatomy in split_parts:  # a normal anatomy the report describes (radiologists skip some)
+                    n_normal += 1
+                    assert split_parts[anatomy].normal and public[anatomy].normal
+                    project.setdefault(anatomy, set()).add(split_parts[anatomy].text)
+                    reference.setdefault(anatomy, set()).add(captions.encoded_text(anatomy, public[anatomy].text))
+    assert n_normal >= 20
+    assert project == {a: {dd.template_sentence(a)} for a in project} and len(project) == len(dd.ANATOMIES)
+    assert all(len(texts) == 1 for texts in reference.values())
+    plain = dd.generate_case(np.random.default_rng([3, 0, 1]))
+    same = dd.generate_case(np.random.default_rng([3, 0, 1]), templates=True)
+    assert np.array_equal(plain["image"], same["image"]) and plain["orientation"] == same["orientation"]
+    assert plain["findings"] != same["findings"]
