@@ -36,6 +36,7 @@ from flax import nnx
 
 from fvlm_jax.models.bert import ACTIVATIONS
 from fvlm_jax.models.text import ARCHS, text_encoder
+from fvlm_jax.models.vit3d import linear_resize_matrix
 from input_pipeline.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -257,16 +258,7 @@ def resize_bilinear(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """grid [H, W, D] -> [h, w, D], bilinear as torch.nn.functional.interpolate(mode="bilinear",
     align_corners=False, antialias=False): source coordinate (i + 0.5) * H / h - 0.5, clamped at 0."""
 
-    def weights(n_in, n_out):
-        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = np.floor(src).astype(int)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        frac = src - i0
-        m = np.zeros((n_out, n_in))
-        np.add.at(m, (np.arange(n_out), i0), 1 - frac)
-        np.add.at(m, (np.arange(n_out), i1), frac)
-        return m
-
+    weights = linear_resize_matrix  # the same per-axis weights as the 3D position-embedding resize
     return np.einsum("yh,xw,hwd->yxd", weights(grid.shape[0], out_hw[0]), weights(grid.shape[1], out_hw[1]),
                      grid.astype(np.float64)).astype(grid.dtype)
 
