@@ -38,12 +38,17 @@ def tensorboard_writer(train_dir: str, start: int):
     return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30, purge_step=start + 1)
 
 
+PEER_METRICS = ("peer_loss", "peer_grad_norm", "peer_param_norm", "peer_temperature", "coteach_alpha")
+
+
 def metrics_row(step: int, metrics: dict, learning_rate: float, anatomies) -> dict:
-    """One metrics.jsonl row from a step's fetched metrics."""
+    """One metrics.jsonl row from a step's fetched metrics. A co-teaching step's row also has the peer's loss, norms
+    and temperature and the step's mixing weight (PEER_METRICS); `loss` and the rest are model A's."""
     row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": learning_rate,
            "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"]),
            "temperature": float(metrics["temperature"])}
     row.update({f"loss/{a}": float(v) for a, v in zip(anatomies, metrics["per_anatomy"])})
+    row.update({k: float(metrics[k]) for k in PEER_METRICS if k in metrics})
     return row
 
 
@@ -53,6 +58,7 @@ def console_line(method: str, row: dict, total: int, rate: float, batch_size: in
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
     parts = " ".join(f"{a} {row[f'loss/{a}']:.3f}" for a in anatomies if f"loss/{a}" in row)
     return (f"{method} step {row['step']}/{total}  loss {row['loss']:.4f}" + (f" ({parts})" if parts else "")
+            + (f"  peer loss {row['peer_loss']:.4f} (alpha {row['coteach_alpha']:.2f})" if "peer_loss" in row else "")
             + f"  lr {row['learning_rate']:.2e}  {rate:.1f} vol/s  ETA {eta_s}")
 
 

@@ -187,7 +187,8 @@ def coteach_train_step(state: dict, batch: dict, *, graphdef, tx: optax.Gradient
     `peer_seed`, packed training batches only) and dropout masks. Each model's loss mixes the abnormal samples'
     targets with the other's similarities (no gradient through them, weight `coteach_alpha(loss_cfg, step)`), and
     each model takes its own optimizer update. Arguments as `train_step`. Returns (new state, metrics): model A's
-    metrics under `train_step`'s names, and peer_loss, peer_grad_norm, peer_param_norm, coteach_alpha."""
+    metrics under `train_step`'s names, and peer_loss, peer_grad_norm, peer_param_norm, peer_temperature and
+    coteach_alpha (the mixing weight of this step)."""
     step = state["step"]
     alpha = coteach_alpha(loss_cfg, step)
     # The peer's randomness of this step (the same draws on any mesh, and again after a resume): its flips, and its
@@ -223,6 +224,6 @@ def coteach_train_step(state: dict, batch: dict, *, graphdef, tx: optax.Gradient
     metrics = {"loss": out["a"][0], "grad_norm": norms["grad_norm"], "param_norm": norms["param_norm"],
                "per_anatomy": out["a"][1], "temperature": norms["temperature"], "peer_loss": out["b"][0],
                "peer_grad_norm": peer_norms["grad_norm"], "peer_param_norm": peer_norms["param_norm"],
-               "coteach_alpha": alpha}
+               "peer_temperature": peer_norms["temperature"], "coteach_alpha": alpha}
     return {"params": params, "opt_state": opt_state, "step": step + 1,
             "peer": {"params": peer_params, "opt_state": peer_opt}}, metrics

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from test_losses import random_inputs, reference_anatomy_loss
 
-from fvlm_jax import losses, sharding, train, train_state
+from fvlm_jax import losses, sharding, train, train_log, train_state
 from fvlm_jax.train_step import coteach_alpha
 
 
@@ -143,3 +143,22 @@ def test_coteach_is_fvlm_only_and_refuses_accumulation():
     cfg.train.grad_accum_steps = 2
     with pytest.raises(ValueError, match="grad_accum_steps"):
         train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+
+
+def test_metrics_row_logs_the_peer_when_there_is_one():
+    """metrics.jsonl and the console carry the peer's loss, norms, temperature and the step's alpha; a plain step's
+    row has none of them."""
+    plain = {"loss": np.float32(2.5), "grad_norm": 1.0, "param_norm": 9.0, "temperature": 0.07,
+             "per_anatomy": np.array([1.0, 1.5], np.float32)}
+    co = {**plain, "peer_loss": np.float32(2.75), "peer_grad_norm": 1.25, "peer_param_norm": 9.5,
+          "peer_temperature": 0.0625, "coteach_alpha": np.float32(0.25)}
+    row = train_log.metrics_row(7, plain, 1e-4, ("lung", "heart"))
+    assert row == {"step": 7, "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.0, "param_norm": 9.0,
+                   "temperature": pytest.approx(0.07), "loss/lung": 1.0, "loss/heart": 1.5}
+    co_row = train_log.metrics_row(7, co, 1e-4, ("lung", "heart"))
+    assert {k: co_row[k] for k in train_log.PEER_METRICS} == {
+        "peer_loss": 2.75, "peer_grad_norm": 1.25, "peer_param_norm": 9.5, "peer_temperature": 0.0625,
+        "coteach_alpha": 0.25}
+    assert all(type(v) in (int, float) for v in co_row.values())  # JSON-ready
+    assert "peer loss 2.7500 (alpha 0.25)" in train_log.console_line("fvlm", co_row, 10, 1.0, 2, ("lung", "heart"))
+    assert "peer" not in train_log.console_line("fvlm", row, 10, 1.0, 2, ("lung", "heart"))
