@@ -104,7 +104,6 @@ def test_schedule_waits_then_ramps():
 
 def coteach_config(start_step):
     cfg = tiny_config()
-    cfg.model.vision.depth = cfg.model.text.depth = 1
     cfg.loss.update(coteach=True, coteach_start_step=start_step, coteach_ramp_steps=0)
     return cfg
 

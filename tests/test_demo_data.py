@@ -134,6 +134,10 @@ _BINS = (-2000, -950, -700, -300, -50, 20, 100, 300, 4000)
 def _features(image, seg, spacing, ids):
     """Simple hand-made features of one anatomy from the image and its mask only."""
     mask = np.isin(seg, ids)
+    # Within the mask's bounding box and a 1-voxel margin: the size-3 filters and the labelling see what they would
+    # on the whole volume, at a fraction of the cost.
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(mask.astype(np.int8))[0])
+    image, mask = image[box], mask[box]
     hu = image[mask].astype(float)
     voxel_ml = np.prod(spacing) / 1000
     counts = np.histogram(hu, _BINS)[0]

@@ -304,7 +304,8 @@ def test_vit_position_grid_fresh_stem_and_errors(vit_files, torch, tmp_path):
 def test_init_state_starts_from_both_checkpoints(bert_folders, vit_files):
     """train_state.init_state: the FVLM's encoders hold the imported weights, everything else its own init."""
     cfg = tiny_config()
-    cfg.model.vision.update(stem_channels=(), mlp_dim=VIT["mlp"], init=vit_files[0]["pth"], init_patch="inflate")
+    cfg.model.vision.update(stem_channels=(), depth=VIT["depth"], mlp_dim=VIT["mlp"], init=vit_files[0]["pth"],
+                            init_patch="inflate")
     cfg.model.text.init = bert_folders["bin"][0]
     cfg = pretrained.resolve(cfg)
     loaded, _ = pretrained.load_encoders(cfg)

@@ -188,8 +188,7 @@ def small_model_config(recipe):
     cfg = demo.get_config("tiny")
     cfg.recipe = recipe
     recipes.resolve(cfg)
-    cfg.model.vision.update(depth=1, stem_channels=())
-    cfg.model.text.depth = 1
+    cfg.model.vision.stem_channels = ()
     return cfg
 
 

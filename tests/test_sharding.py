@@ -29,9 +29,7 @@ SCRIPT = textwrap.dedent("""
     from fvlm_jax import sharding, synthetic, train
 
     def run(method, mesh, impl="gspmd", accum=1, steps=2, coteach=False):
-        cfg = demo.get_config("tiny")
-        # One block per encoder: sharding is the same in every block, and compiling 8-device programs is the cost.
-        cfg.model.vision.depth = cfg.model.text.depth = 1
+        cfg = demo.get_config("tiny")  # one block per encoder: sharding is the same in every block
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
         cfg.loss.impl, cfg.train.grad_accum_steps = impl, accum
         # Co-teaching: plain targets in the first step (alpha 0), the peer's similarities mixed in from the second.
