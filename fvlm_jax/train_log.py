@@ -33,9 +33,27 @@ def tensorboard_writer(train_dir: str, start: int):
     It marks a restart at step start + 1, so TensorBoard drops the events of earlier runs from that step on (those
     logged after the checkpoint this run resumes from, or a whole earlier run): each step shows once, as in
     metrics.jsonl."""
-    from tensorboardX import SummaryWriter
+    return summary_writer_class()(os.path.join(train_dir, "tensorboard"), flush_secs=30, purge_step=start + 1)
 
-    return SummaryWriter(os.path.join(train_dir, "tensorboard"), flush_secs=30, purge_step=start + 1)
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX's writer module imports torch whenever it is installed, only to accept torch tensors as values;
+    training logs Python floats. That import cost 2 CPU-s in every training process of a machine with torch (the
+    tests' machines have it). While tensorboardX loads, torch is marked unimportable, unless it is loaded already;
+    the mark is removed afterwards, so a later `import torch` works as usual."""
+    import sys
+
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 PEER_METRICS = ("peer_loss", "peer_grad_norm", "peer_param_norm", "peer_temperature", "coteach_alpha")

@@ -1,57 +1,15 @@
-"""Two processes on localhost (CPU, gloo collectives) each feed half of the global batch and get the losses of
-the single-process run; the CLI on two processes trains, evaluates (as one process does) and exports."""
+"""The CLI on two processes on localhost (CPU, gloo collectives) trains, evaluates (as one process does) and
+exports. (Two processes with every weight split across them train as one device does: tests/test_preemption.py.)"""
 
 import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses or training: not in the fast lane
-
-# The body runs in each of 2 processes (2 CPU devices each) and, as the reference, in the test's own process (one
-# device): the values must not depend on the layout.
-BODY = textwrap.dedent("""
-    import jax
-    from configs import demo
-    from fvlm_jax import sharding, synthetic, train
-
-    cfg = demo.get_config("tiny")
-    # FSDP over all devices: with 2 processes, every weight is split across the hosts (no process holds it whole).
-    cfg.mesh.data, cfg.mesh.fsdp = 1, jax.device_count()
-    trainer = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
-    kernel = trainer.state["params"]["vision"]["blocks"][0]["fc1"]["kernel"]
-    assert kernel.is_fully_addressable == (n_proc == 1)
-    assert len(kernel.sharding.device_set) == jax.device_count() == 4 ** (n_proc > 1)
-    if n_proc > 1:  # a mesh that leaves a host without devices is refused
-        bad = demo.get_config()
-        bad.mesh.data, bad.train.batch_size = 2, 8
-        try:
-            sharding.make_mesh(bad)
-            raise AssertionError("a 2-device mesh in a 4-device, 2-process job was accepted")
-        except ValueError as e:
-            assert "must use every device" in str(e), e
-    local = cfg.train.batch_size // jax.process_count()
-    losses = []
-    for step in range(2):
-        batch = synthetic.random_batch(cfg, cfg.train.batch_size, seed=step)
-        mine = {k: v[proc_id * local:(proc_id + 1) * local] for k, v in batch.items()}  # this host's slice
-        losses.append(float(trainer.train_step(mine)["loss"]))
-    # (Evaluation on a two-process mesh: test_cli_on_two_processes against one process.) The temperature, read
-    # back on every process from the split weights.
-    losses.append(float(trainer.model().temp()))
-""")
-SCRIPT = textwrap.dedent("""
-    import sys
-    import jax
-    n_proc, proc_id, port = 2, int(sys.argv[1]), sys.argv[2]
-    jax.config.update("jax_num_cpu_devices", 2)  # 4 devices in all, 2 x 2
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
-""") + BODY + 'print("LOSSES", losses)\n'
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,24 +18,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def _losses(stdout):
-    return eval(stdout.split("LOSSES", 1)[1])  # noqa: S307 - our own printed list
-
-
-def test_two_processes_match_one():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    reference = {"n_proc": 1, "proc_id": 0}  # meanwhile, the same body on this process's one device
-    exec(BODY, reference)  # noqa: S102 - our own code above
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    for out, _ in outs:
-        np.testing.assert_allclose(_losses(out), reference["losses"], rtol=2e-5, atol=2e-5)
 
 
 def test_cli_on_two_processes(prepared_demo, tmp_path):

@@ -1,7 +1,11 @@
 """Preemption and crashes during training, then the same command again: the log continues exactly as an
 uninterrupted single-process run's. SIGKILL resumes from the last regular checkpoint; SIGTERM (a scheduler's
 preemption notice) to one process of a two-process job makes both save the same checkpoint at the same step and
-stop, so no step is lost."""
+stop, so no step is lost.
+
+The two-process job is also the multi-host check of training: 2 processes of 2 CPU devices each (gloo collectives),
+FSDP over all 4 devices, so every weight is split across the hosts (no process holds it whole) and its checkpoint is
+written and read by both; every logged value equals the one-device run's."""
 
 import json
 import os
@@ -23,14 +27,29 @@ SCRIPT = textwrap.dedent("""
     import jax
     workdir, n_proc, proc_id, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if n_proc > 1:
+        jax.config.update("jax_num_cpu_devices", 2)  # 4 devices in all, 2 x 2
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes=n_proc, process_id=proc_id)
     from configs import demo
-    from fvlm_jax import synthetic, train
+    from fvlm_jax import sharding, synthetic, train, train_state
 
     cfg = demo.get_config("tiny")
     cfg.train.update(batch_size=8, steps=12, warmup_steps=2, log_every=5,
                      checkpoint_every=int(os.environ["CHECKPOINT_EVERY"]))
+    # FSDP over all devices: with 2 processes, every weight is split across the hosts.
+    cfg.mesh.data, cfg.mesh.fsdp = 1, jax.device_count()
+    if n_proc > 1:
+        mesh = sharding.make_mesh(cfg)
+        _, state_sh = train_state.state_shardings(cfg, "fvlm", train_state.make_optimizer(cfg), mesh)
+        kernel = state_sh["params"]["vision"]["blocks"][0]["fc1"]["kernel"]
+        assert not kernel.is_fully_addressable and len(kernel.device_set) == jax.device_count() == 4
+        bad = demo.get_config("tiny")  # a mesh that leaves a host without devices is refused
+        bad.mesh.data = 2
+        try:
+            sharding.make_mesh(bad)
+            raise AssertionError("a 2-device mesh in a 4-device, 2-process job was accepted")
+        except ValueError as e:
+            assert "must use every device" in str(e), e
     pause = float(os.environ["STEP_PAUSE"])  # seconds per step: room to land a signal mid-run
     local = cfg.train.batch_size // n_proc
 
@@ -94,10 +113,12 @@ def reference(tmp_path_factory):
 
 
 def _assert_continues_reference(got, reference):
+    """Every logged value (loss, per-anatomy losses, norms, temperature, learning rate) of each step: a two-process
+    run sums its gradients in another order than one device does, so equal to 2e-5."""
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(got, reference):
         assert a.keys() == b.keys()
-        np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(a)], rtol=2e-5, atol=2e-5)
 
 
 def test_sigkill_then_rerun_matches_uninterrupted(tmp_path, reference):

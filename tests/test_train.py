@@ -156,6 +156,29 @@ def test_bad_remat_policy_is_named():
         trainer.train_step(synthetic.random_batch(cfg, 4, seed=0))
 
 
+def test_tensorboard_writer_loads_without_torch_and_leaves_it_importable(tmp_path):
+    """tensorboardX would import torch (2 CPU-s) when it is installed; train_log keeps it out, in a fresh process,
+    and `import torch` still works afterwards where torch is installed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        from fvlm_jax import train_log
+        w = train_log.tensorboard_writer({str(tmp_path)!r}, 0)
+        w.add_scalar("loss", 1.5, 1)
+        w.close()
+        assert "torch" not in sys.modules, "torch was imported"
+        if importlib.util.find_spec("torch"):
+            import torch
+            print(torch.ones(1))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+
+
 def test_prefetch_keeps_order_bounds_its_lead_and_stops_when_closed():
     import threading
     import time
