@@ -40,7 +40,7 @@ class Trainer:
     With loss.coteach (fVLM only; the CLIP baseline trains alone) the state also holds the peer model and the step
     is `coteach_train_step`; `model()`, evaluation and export use model A (the state's "params")."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh):
+    def __init__(self, cfg: ml_collections.ConfigDict, method: str, mesh: jax.sharding.Mesh, initialize: bool = True):
         self.cfg, self.method, self.mesh = cfg, method, mesh
         self.coteach = bool(cfg.loss.coteach) and method == "fvlm"
         if self.coteach and cfg.train.grad_accum_steps > 1:
@@ -49,12 +49,14 @@ class Trainer:
         self.rules = tuple(cfg.sharding.rules)
         self.tx = train_state.make_optimizer(cfg)
         self.schedule = train_state.learning_rate_schedule(cfg)
-        self.graphdef, self.state_sharding = train_state.state_shardings(cfg, method, self.tx, mesh, self.coteach)
+        self.graphdef, self.abstract_state = train_state.abstract_state(cfg, method, self.tx, mesh, self.coteach)
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, self.abstract_state)
         self.replicated = NamedSharding(mesh, P())
         self.batch_spec = sharding.logical_to_spec(("batch",), self.rules)
         self.batch_sharding = NamedSharding(mesh, self.batch_spec)
-        with jax.set_mesh(mesh):
-            self.state = train_state.init_state(cfg, method, self.tx, self.state_sharding, self.coteach)
+        self.state = None
+        if initialize:
+            self.initialize()
         # Tokens per anatomy text (model.text.anatomy_len; a percentile there is resolved by the stages).
         self.text_lengths = text_lengths.parse(cfg.model.text.anatomy_len, cfg.prep.anatomies, cfg.prep.text_len)
         common = dict(graphdef=self.graphdef, tx=self.tx, loss_cfg=cfg.loss, rules=self.rules,
@@ -69,6 +71,13 @@ class Trainer:
                                      batch_spec=self.batch_spec, **common)
         self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+
+    def initialize(self) -> None:
+        """The initial state (`train_state.init_state`: random weights, or the pretrained encoders put in).
+        Trainer(..., initialize=False) leaves it to this call, or to `restore`: a resumed run then never builds,
+        compiles or fills a state it would throw away (nor reads pretrained weights the checkpoint holds)."""
+        with jax.set_mesh(self.mesh):
+            self.state = train_state.init_state(self.cfg, self.method, self.tx, self.state_sharding, self.coteach)
 
     @property
     def step(self) -> int:
@@ -124,7 +133,7 @@ class Trainer:
                     f"{self.method}: the checkpoint of step {step} in {mngr.directory} is of {kind(saved_peer)}, "
                     f"but this run is {kind(self.coteach)} (loss.coteach={bool(self.cfg.loss.coteach)}): train in "
                     "a new workdir, or set loss.coteach as the checkpoint's run had it")
-        state = checkpoint.restore(mngr, self.state, step)
+        state = checkpoint.restore(mngr, self.abstract_state, step)
         if state is None:
             return False
         self.state = state
@@ -177,7 +186,7 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
     """
     os.makedirs(train_dir, exist_ok=True)
     mesh = sharding.make_mesh(cfg)
-    trainer = Trainer(cfg, method, mesh)
+    trainer = Trainer(cfg, method, mesh, initialize=False)  # a resumed run restores without initialising
     mngr = trainer.checkpoint_manager(os.path.join(train_dir, "checkpoints"))
     metrics_path = os.path.join(train_dir, "metrics.jsonl")
     writer = jax.process_index() == 0  # host-side files are written by one process; Orbax saves from all
@@ -185,8 +194,10 @@ def train(cfg: ml_collections.ConfigDict, method: str, train_dir: str,
         log.info("%s: resumed from step %d", method, trainer.step)
         if writer:
             train_log.truncate_metrics(metrics_path, trainer.step)
-    elif writer and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    else:
+        trainer.initialize()
+        if writer and os.path.exists(metrics_path):
+            os.remove(metrics_path)
     total, start = cfg.train.steps, trainer.step
     if start >= total:
         log.info("%s: already trained (%d steps)", method, start)

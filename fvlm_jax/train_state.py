@@ -60,9 +60,10 @@ def peer_seed(cfg: ml_collections.ConfigDict) -> int:
     return int(cfg.seed) + 1
 
 
-def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, coteach: bool = False):
-    """(graph definition, NamedShardings of the plain training state). The optimizer moments carry their
+def abstract_state(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh, coteach: bool = False):
+    """(graph definition, the plain training state as jax.ShapeDtypeStructs carrying their NamedShardings): what a
+    checkpoint is restored into, with nothing initialised or allocated. The optimizer moments carry their
     parameter's logical axes in the Variable form, so they are split like their parameter. coteach: the state also
     holds the peer model, {"peer": {"params", "opt_state"}}, laid out as the first."""
     graphdef, params = abstract_model(cfg, method)
@@ -70,7 +71,16 @@ def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.Gradi
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
     if coteach:
         variable_state["peer"] = {"params": params, "opt_state": variable_state["opt_state"]}
-    return graphdef, plain(sharding.state_shardings(variable_state, mesh, cfg.sharding.rules))
+    shardings = plain(sharding.state_shardings(variable_state, mesh, cfg.sharding.rules))
+    return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  plain(variable_state), shardings)
+
+
+def state_shardings(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, coteach: bool = False):
+    """(graph definition, NamedShardings of the plain training state): `abstract_state`'s shardings."""
+    graphdef, abstract = abstract_state(cfg, method, tx, mesh, coteach)
+    return graphdef, jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def init_state(cfg: ml_collections.ConfigDict, method: str, tx: optax.GradientTransformation, shardings,

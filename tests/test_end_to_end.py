@@ -16,15 +16,20 @@ def _metrics(path):
 
 
 def test_train_eval_export_and_resume(prepared_demo, tmp_path):
-    """Two CLI runs: --mode=train (4 steps), then --mode=all with 6 steps, which finds the records prepared,
-    resumes both trainings, evaluates (checkpoint chosen on valid among steps 2, 4, 6) and exports."""
+    """The train stage (4 steps; in this process, as `run.py --mode=train` runs it), then the CLI's --mode=all with
+    6 steps, which finds the records prepared, resumes both trainings, evaluates (checkpoint chosen on valid among
+    steps 2, 4, 6) and exports."""
     import shutil
+
+    from conftest import tiny_config
+
+    from fvlm_jax import stages
 
     # A copy of the shared workdir (raw data and records): --mode=all runs prepare again, which rewrites the records
     # that other tests read at the same time.
     workdir = tmp_path / "demo"
     shutil.copytree(prepared_demo, workdir)
-    run_cli(workdir, "--mode=train")
+    stages.run_train(tiny_config(), str(workdir))  # a CLI process would add 10 CPU-s of imports
     fvlm_log = _metrics(workdir / "train" / "metrics.jsonl")
     assert [r["step"] for r in fvlm_log] == [1, 2, 3, 4]
     assert all({"loss", "learning_rate", "loss/lung"} <= set(r) and np.isfinite(r["loss"]) for r in fvlm_log)
@@ -118,8 +123,6 @@ def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     # The chosen step's valid macro AUC, as the checkpoint selection scored it, recounted from these embeddings:
     # each task's prompt pairs (eval.tasks and eval.prompt_variants of the tiny config) averaged by hand, AUC as
     # the share of (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
-    from conftest import tiny_config
-
     cfg = tiny_config()
     pairs = {}
     for a, label, neg, pos in [*cfg.eval.tasks, *cfg.eval.prompt_variants]:

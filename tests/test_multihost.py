@@ -47,10 +47,14 @@ def test_cli_on_two_processes(prepared_demo, tmp_path):
     assert (workdir / "export" / "fvlm" / "model.json").exists()
     # The two processes' evaluation against the same evaluation of their checkpoint on one process.
     import pytest
-    from conftest import run_cli
+    from conftest import tiny_config
+
+    from fvlm_jax import stages
 
     two = json.loads((workdir / "eval" / "fvlm.json").read_text())
-    run_cli(workdir, "--mode=eval", "--config.train.methods=('fvlm',)")
+    cfg = tiny_config()
+    cfg.train.methods = ("fvlm",)
+    stages.run_eval(cfg, str(workdir))  # in this process (one device), as `run.py --mode=eval` runs it
     one = json.loads((workdir / "eval" / "fvlm.json").read_text())
     assert any(v is not None for v in one["per_task"].values())
     assert two["per_task"] == pytest.approx(one["per_task"]) and two["mean_auc"] == pytest.approx(one["mean_auc"])

@@ -124,7 +124,7 @@ SCRIPT = textwrap.dedent("""
     two.save(mngr)
     mngr.wait_until_finished()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 1
-    four = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    four = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg), initialize=False)  # restored, never initialised
     assert four.restore(four.checkpoint_manager(ckpt)) and four.step == 2
     for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(four.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

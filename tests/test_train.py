@@ -301,7 +301,8 @@ def test_state_holds_plain_arrays_and_params_only_restore_reads_the_saved_params
     trainer.save(mngr)
     mngr.wait_until_finished()
 
-    fresh = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg))
+    fresh = train.Trainer(cfg, "fvlm", sharding.make_mesh(cfg), initialize=False)  # as a resumed run: no init
+    assert fresh.state is None
     assert fresh.restore(fresh.checkpoint_manager(str(tmp_path / "checkpoints")))
     assert fresh.step == 2
     adam = fresh.state["opt_state"][1][0]
