@@ -89,9 +89,15 @@ def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     # similarities of its anatomy's embedding to them, by hand.
     temp = float(pred.model.temp())
 
+    # Every prompt of the export's tasks and of the config's, embedded in one (eager) call of the text encoder.
+    cfg = tiny_config()
+    texts = sorted({p for t in pred.tasks for pair in [(t["negative"], t["positive"]), *t["variants"]] for p in pair}
+                   | {p for *_, neg, pos in [*cfg.eval.tasks, *cfg.eval.prompt_variants] for p in (neg, pos)})
+    embedded = dict(zip(texts, np.asarray(pred.model.encode_text(pred.tokenizer.encode(texts, pred.prep["text_len"])),
+                                          np.float64)))
+
     def embed(pairs):
-        return np.asarray(pred.model.encode_text(pred.tokenizer.encode([p for pair in pairs for p in pair],
-                                                                       pred.prep["text_len"])), np.float64)
+        return np.stack([embedded[p] for pair in pairs for p in pair])
 
     def task_prompts(t):  # the mean over the task's pairs (its own and its variants), as evaluation scores
         pairs = [(t["negative"], t["positive"]), *map(tuple, t["variants"])]
@@ -123,7 +129,6 @@ def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     # The chosen step's valid macro AUC, as the checkpoint selection scored it, recounted from these embeddings:
     # each task's prompt pairs (eval.tasks and eval.prompt_variants of the tiny config) averaged by hand, AUC as
     # the share of (positive, negative) pairs ranked right (ties 1/2), unlabelled scans (-1) out.
-    cfg = tiny_config()
     pairs = {}
     for a, label, neg, pos in [*cfg.eval.tasks, *cfg.eval.prompt_variants]:
         pairs.setdefault((a, label), []).append((neg, pos))

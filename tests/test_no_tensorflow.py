@@ -54,10 +54,13 @@ SCRIPT = textwrap.dedent("""
     assert len(scores) == len(cfg.eval.tasks)
     # Each score: the two-way softmax of its prompts' similarities to its anatomy's embedding, by hand.
     emb = pred.encode(os.path.join(tmp, "ct.nii.gz"), os.path.join(tmp, "seg.nii.gz"))["embeddings"]
-    for t in pred.tasks:
-        pairs = [[t["negative"], t["positive"]], *t["variants"]]  # the task's pairs, averaged as eval does
-        tokens = pred.tokenizer.encode([p for pair in pairs for p in pair], pred.prep["text_len"])
-        prompt = np.asarray(pred.model.encode_text(tokens), np.float64).reshape(len(pairs), 2, -1).mean(0)
+    pairs = {i: [[t["negative"], t["positive"]], *t["variants"]] for i, t in enumerate(pred.tasks)}  # averaged
+    texts = [p for i in pairs for pair in pairs[i] for p in pair]  # every task's prompts in one (eager) call
+    embedded = np.asarray(pred.model.encode_text(pred.tokenizer.encode(texts, pred.prep["text_len"])), np.float64)
+    start = 0
+    for i, t in enumerate(pred.tasks):
+        prompt = embedded[start:start + 2 * len(pairs[i])].reshape(len(pairs[i]), 2, -1).mean(0)
+        start += 2 * len(pairs[i])
         s_neg, s_pos = prompt @ emb[t["anatomy"]] / float(pred.model.temp())
         want = 1 / (1 + np.exp(s_neg - s_pos))
         assert abs(scores[f"{t['anatomy']}/{t['label']}"] - want) < 1e-5, (t, scores, want)
