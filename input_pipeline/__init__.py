@@ -1,7 +1,7 @@
 """Data preparation and input pipelines.
 
-Only `records` and `tfdata` import TensorFlow; preprocessing, report splitting and tokenisation do not, so the
-exported model can embed new scans on hosts without TensorFlow.
+Only `records` and `tfdata` use TensorFlow (imported in `tf_modules`); preprocessing, report splitting and
+tokenisation do not, so the exported model can embed new scans on hosts without TensorFlow.
 """
 
 import os

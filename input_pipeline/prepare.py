@@ -3,7 +3,8 @@
 Run through `python run.py --config=... --mode=prepare`. Phases:
 1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows and duplicate
    ids become rejects, and each report is split into anatomy texts with the configured vocabulary.
-2. Image work in a process pool (`data.workers`, spawn) or an Apache Beam pipeline (`data.runner="beam"`). Each
+2. Image work in a process pool (`data.workers`, spawn; in this process when it is 1) or an Apache Beam pipeline
+   (`data.runner="beam"`). Each
    scan's result (image, labels, presence, or the reason it was rejected) is cached atomically as
    `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and the input
    files' sizes and modification times. A rerun after an interruption recomputes only missing or stale entries.
@@ -330,12 +331,18 @@ def prepare(cfg: ml_collections.ConfigDict, raw_root: str, out_dir: str, *, prog
     if tasks and runner == "beam":
         run_beam(tasks, prep_kw, cfg.data.beam_options)
     elif tasks:
-        ctx = multiprocessing.get_context("spawn")
         workers = max(1, min(int(cfg.data.workers), len(tasks)))
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(prep_kw,)) as pool:
-            for _ in tqdm(pool.imap_unordered(_process, tasks, chunksize=1), total=len(tasks), desc="preprocess",
-                          disable=not progress, dynamic_ncols=True, unit="scan"):
+        bar = {"total": len(tasks), "desc": "preprocess", "disable": not progress, "dynamic_ncols": True,
+               "unit": "scan"}
+        if workers == 1:  # in this process: a spawned worker would first import this module and its dependencies
+            _init_worker(prep_kw)
+            for _ in tqdm(map(_process, tasks), **bar):
                 pass
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(prep_kw,)) as pool:
+                for _ in tqdm(pool.imap_unordered(_process, tasks, chunksize=1), **bar):
+                    pass
     for split in splits:
         kept = []
         for s in scans[split]:

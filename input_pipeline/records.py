@@ -7,9 +7,8 @@ import os
 import zlib
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-from tensorflow_datasets.core import example_serializer
+
+from input_pipeline.tf_modules import tf, tfds
 
 DATASET_NAME = "fvlm_records"
 FILE_FORMAT = "tfrecord"
@@ -66,7 +65,7 @@ class ShardedWriter:
 
     def __init__(self, records_dir: str, split: str, num_shards: int, feature_spec):
         self.split, self.spec = split, feature_spec
-        self.serializer = example_serializer.ExampleSerializer(feature_spec.get_serialized_info())
+        self.serializer = tfds.core.example_serializer.ExampleSerializer(feature_spec.get_serialized_info())
         self.paths = [shard_path(records_dir, split, i, num_shards) for i in range(num_shards)]
         self.writers = [tf.io.TFRecordWriter(p) for p in self.paths]
         self.record_bytes: list[list[int]] = [[] for _ in range(num_shards)]

@@ -16,9 +16,9 @@ import struct
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from input_pipeline import label_packing, records
+from input_pipeline.tf_modules import tf
 
 log = logging.getLogger(__name__)
 

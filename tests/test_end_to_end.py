@@ -36,7 +36,9 @@ def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     assert (workdir / "clip" / "train" / "metrics.jsonl").exists()
 
     # A rerun with a longer budget resumes each method from its step-4 checkpoint instead of starting over.
-    res = run_cli(workdir, "--mode=all", "--config.train.steps=6")
+    # data.workers=1: prepare processes the copied scans (new paths, so new cache keys) in the CLI process itself
+    # (the shared workdir was prepared with the spawned pool of 2).
+    res = run_cli(workdir, "--mode=all", "--config.train.steps=6", "--config.data.workers=1")
     resumed = _metrics(workdir / "train" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed[:4] == fvlm_log

@@ -27,8 +27,9 @@ LAYERS = [
     ("configs", ["configs"]),
     ("entry points", ["run"]),
 ]
-# TensorFlow (and tensorflow_datasets) only here; everything else runs without it.
-TENSORFLOW_MODULES = {"input_pipeline.records", "input_pipeline.tfdata"}
+# TensorFlow (and tensorflow_datasets) imported only here (input_pipeline.records and .tfdata take them from it);
+# everything else runs without it.
+TENSORFLOW_MODULES = {"input_pipeline.tf_modules"}
 
 
 def project_files():

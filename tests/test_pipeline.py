@@ -5,12 +5,11 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from configs import demo
 from fvlm_jax import augment
 from input_pipeline import label_packing, preprocess, tfdata
+from input_pipeline.tf_modules import tf, tfds
 
 
 @pytest.mark.slow
@@ -305,3 +304,25 @@ def test_text_length_statistics_per_anatomy(prepared_demo):
     for got, n in [(pooled, pooled_counts), *((by[a], counts[a]) for a in by)]:
         assert got == pytest.approx({**{f"p{q}": percentile(n, q) for q in (50, 90, 95, 99, 100)},
                                      "truncated_at_configured": 0.0})
+
+
+@pytest.mark.slow
+def test_tensorflow_loads_without_keras_and_leaves_it_importable():
+    """`import tensorflow` would import Keras (2.3 CPU-s per process); input_pipeline.tf_modules keeps it out, in a
+    fresh process, while tf.data works, and `import keras` (with tf.keras) still works afterwards."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        from input_pipeline import tfdata
+        from input_pipeline.tf_modules import tf
+        assert "keras" not in sys.modules, "keras was imported"
+        assert list(tf.data.Dataset.range(3).map(lambda x: x * 2).as_numpy_iterator()) == [0, 2, 4]
+        import keras
+        assert tf.keras.layers.Dense is keras.layers.Dense
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

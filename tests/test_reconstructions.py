@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from input_pipeline import ct_rate, label_packing, records, tfdata
+from input_pipeline.tf_modules import tf
 
 SIZE = (4, 6, 8)
 
