@@ -91,12 +91,14 @@ def test_train_eval_export_and_resume(prepared_demo, tmp_path):
     # similarities of its anatomy's embedding to them, by hand.
     temp = float(pred.model.temp())
 
-    # Every prompt of the export's tasks and of the config's, embedded in one (eager) call of the text encoder.
+    # Every prompt of the export's tasks and of the config's, embedded in one (compiled) call of the text encoder.
     cfg = tiny_config()
     texts = sorted({p for t in pred.tasks for pair in [(t["negative"], t["positive"]), *t["variants"]] for p in pair}
                    | {p for *_, neg, pos in [*cfg.eval.tasks, *cfg.eval.prompt_variants] for p in (neg, pos)})
-    embedded = dict(zip(texts, np.asarray(pred.model.encode_text(pred.tokenizer.encode(texts, pred.prep["text_len"])),
-                                          np.float64)))
+    from flax import nnx
+
+    tokens = pred.tokenizer.encode(texts, pred.prep["text_len"])
+    embedded = dict(zip(texts, np.asarray(nnx.jit(lambda m, t: m.encode_text(t))(pred.model, tokens), np.float64)))
 
     def embed(pairs):
         return np.stack([embedded[p] for pair in pairs for p in pair])
