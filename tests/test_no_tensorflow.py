@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     model = trainer.model()
     # Compiled: run op by op, the encoders cost 5x the CPU time.
-    img, _, intact = nnx.jit(lambda m, x, l: m.encode_image(x, l))(model, batch["image"] / 255.0, batch["labels"])
+    img, _, intact = nnx.jit(lambda m, x, lab: m.encode_image(x, lab))(model, batch["image"] / 255.0, batch["labels"])
     txt = nnx.jit(lambda m, t: m.encode_anatomy_texts(t, trainer.text_lengths))(model, batch["text_tokens"])
     by_anatomy = [np.swapaxes(np.asarray(x), 0, 1) for x in (
         img, txt, np.asarray(intact) & batch["has_text"], batch["normal"], batch["text_id"], batch["disease"])]
