@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from input_pipeline.import_guard import unimportable
+
 
 def truncate_metrics(path: str, last_step: int) -> None:
     """Drop lines logged after the checkpoint we resume from (and a line cut short by a kill), so a resumed log
@@ -43,16 +45,8 @@ def summary_writer_class():
     training logs Python floats. That import cost 2 CPU-s in every training process of a machine with torch (the
     tests' machines have it). While tensorboardX loads, torch is marked unimportable, unless it is loaded already;
     the mark is removed afterwards, so a later `import torch` works as usual."""
-    import sys
-
-    block = "torch" not in sys.modules
-    if block:
-        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
-    try:
+    with unimportable("torch"):  # tensorboardX expects the ImportError where torch is not installed
         from tensorboardX import SummaryWriter
-    finally:
-        if block and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
     return SummaryWriter
 
 

@@ -4,10 +4,10 @@ Run through `python run.py --config=... --mode=prepare`. Phases:
 1. List the scans of the source (CT-RATE layout or JSONL manifest, see `sources`); unreadable rows and duplicate
    ids become rejects, and each report is split into anatomy texts with the configured vocabulary.
 2. Image work in a process pool (`data.workers`, spawn; in this process when it is 1) or an Apache Beam pipeline
-   (`data.runner="beam"`). Each
-   scan's result (image, labels, presence, or the reason it was rejected) is cached atomically as
-   `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and the input
-   files' sizes and modification times. A rerun after an interruption recomputes only missing or stale entries.
+   (`data.runner="beam"`). Each scan's result (image, labels, presence, or the reason it was rejected) is cached
+   atomically as `<out_dir>/cache/<split>/<id>.npz`, keyed by the preprocessing parameters, the scan's geometry and
+   the input files' sizes and modification times. A rerun after an interruption recomputes only missing or stale
+   entries.
 3. The tokenizer is trained on the training texts of the scans that survived (deterministic), or is the WordPiece
    of a pretrained BERT (model.text.init).
 4. Records are written in input order from the cache, each serialized deterministically, so a rerun produces

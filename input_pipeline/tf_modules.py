@@ -7,18 +7,11 @@ Keras, 4.6 without). While TensorFlow loads, Keras is marked unimportable, unles
 expects the ImportError, and the mark is removed afterwards, so `tf.keras` and `import keras` work as usual later.
 Modules of this package import `tf` and `tfds` from here."""
 
-import sys
+from input_pipeline.import_guard import unimportable
 
-_block = "keras" not in sys.modules
-if _block:
-    sys.modules["keras"] = None  # `import keras...` raises ImportError, which TensorFlow's __init__ catches
-try:
+with unimportable("keras"):  # TensorFlow's __init__ catches the ImportError
     import tensorflow as tf
-finally:
-    if _block and sys.modules.get("keras", 0) is None:
-        del sys.modules["keras"]
-del _block
 
-import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_datasets as tfds
 
 __all__ = ["tf", "tfds"]

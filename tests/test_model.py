@@ -112,8 +112,8 @@ def test_fvlm_shapes_and_normalisation(global_pool):
     z, y, x = cfg.model.input_zyx
     image = jax.random.uniform(jax.random.key(0), (2, z, y, x))
     labels = jnp.zeros((2, z, y, x), jnp.uint8).at[:, 4:10, 4:20, 4:20].set(1)
-    emb, present, intact = nnx.jit(lambda m, x, lab: m.encode_image(x, lab))(model, image, labels)  # op by op: 5x
-    # the CPU time
+    # Compiled: op by op, the encoders cost 5x the CPU time.
+    emb, present, intact = nnx.jit(lambda m, x, lab: m.encode_image(x, lab))(model, image, labels)
     assert emb.shape == (2, 1 if global_pool else a, cfg.model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, rtol=1e-4)
     assert present.shape == intact.shape == (2, a) and bool(intact[0, 0]) and not bool(present[0, 1])
